@@ -1,0 +1,211 @@
+//! The detection part on top of the backbone: an FPN-style neck over the last three Swin
+//! stages (strides 8, 16, 32) and an anchor-free, FCOS-style dense head whose class score is
+//! trained as a localisation-quality score (GFL's quality focal loss), plus decoding to boxes.
+//!
+//! Why FCOS-class rather than CenterNet-class: steel defects range from a few-pixel pit to a
+//! scratch across the whole strip, with extreme aspect ratios and heavily overlapping extents
+//! (crazing, rolled-in scale). Per-level ltrb regression handles long thin boxes and nested
+//! boxes directly; a single stride-4 centre heatmap merges overlapping centres and needs a
+//! high-resolution map that costs most of an edge budget.
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use serde::{Deserialize, Serialize};
+
+/// Size of the neck and head.
+#[derive(Config, Debug, PartialEq)]
+pub struct HeadConfig {
+    /// Channels of every pyramid level and of the head towers.
+    #[config(default = 96)]
+    pub dim: usize,
+    /// 3x3 conv + GroupNorm + ReLU layers in each of the class and box towers.
+    #[config(default = 2)]
+    pub tower_convs: usize,
+    #[config(default = 16)]
+    pub norm_groups: usize,
+    /// Prior probability of a defect at a location, sets the class bias at init (FCOS, RetinaNet).
+    #[config(default = 0.01)]
+    pub prior_prob: f64,
+}
+
+impl HeadConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dim == 0 || self.norm_groups == 0 || !self.dim.is_multiple_of(self.norm_groups) {
+            return Err(format!(
+                "head: `dim` {} must be a positive multiple of `norm_groups` {}",
+                self.dim, self.norm_groups
+            ));
+        }
+        Ok(())
+    }
+
+    /// `in_dims`: channels of the backbone stages used, finest first.
+    pub fn init(&self, in_dims: &[usize], num_classes: usize, device: &Device) -> DetectionHead {
+        let conv = |cin: usize, cout: usize, k: usize| {
+            Conv2dConfig::new([cin, cout], [k, k])
+                .with_padding(if k == 3 {
+                    PaddingConfig2d::Explicit(1, 1, 1, 1)
+                } else {
+                    PaddingConfig2d::Valid
+                })
+                .init(device)
+        };
+        let tower = || {
+            (0..self.tower_convs)
+                .map(|_| TowerLayer {
+                    conv: conv(self.dim, self.dim, 3),
+                    norm: GroupNormConfig::new(self.norm_groups, self.dim).init(device),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut cls_out = conv(self.dim, num_classes, 3);
+        let prior_bias = -((1.0 - self.prior_prob) / self.prior_prob).ln();
+        cls_out.bias = cls_out
+            .bias
+            .map(|b| b.map(|b| Tensor::full(b.dims(), prior_bias, device)));
+        DetectionHead {
+            lateral: in_dims.iter().map(|&c| conv(c, self.dim, 1)).collect(),
+            smooth: in_dims
+                .iter()
+                .map(|_| conv(self.dim, self.dim, 3))
+                .collect(),
+            cls_tower: tower(),
+            reg_tower: tower(),
+            cls_out,
+            reg_out: conv(self.dim, 4, 3),
+            scales: in_dims
+                .iter()
+                .map(|_| Param::from_tensor(Tensor::ones([1], device)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TowerLayer {
+    pub conv: Conv2d,
+    pub norm: GroupNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct DetectionHead {
+    /// 1x1 convs bringing each stage to the pyramid width.
+    pub lateral: Vec<Conv2d>,
+    /// 3x3 convs after the top-down sum.
+    pub smooth: Vec<Conv2d>,
+    pub cls_tower: Vec<TowerLayer>,
+    pub reg_tower: Vec<TowerLayer>,
+    pub cls_out: Conv2d,
+    pub reg_out: Conv2d,
+    /// One learnable scale per level on the box distances (FCOS).
+    pub scales: Vec<Param<Tensor<1>>>,
+}
+
+/// Raw head outputs for a batch, every level flattened and concatenated, finest first.
+#[derive(Debug, Clone)]
+pub struct HeadOutput {
+    /// `[batch, locations, classes]` logits.
+    pub cls_logits: Tensor<3>,
+    /// `[batch, locations, 4]` distances (left, top, right, bottom) in input pixels, >= 0.
+    pub box_ltrb: Tensor<3>,
+    /// Feature map size of each level, finest first.
+    pub level_sizes: Vec<[usize; 2]>,
+}
+
+impl DetectionHead {
+    /// `stages`: backbone stage outputs `[B, H, W, C]` used by the neck, finest first.
+    pub fn forward(&self, stages: Vec<Tensor<4>>, strides: &[usize]) -> HeadOutput {
+        // Neck: lateral 1x1, then top-down nearest upsample and add, then 3x3 smoothing.
+        let laterals: Vec<Tensor<4>> = stages
+            .into_iter()
+            .zip(&self.lateral)
+            .map(|(x, conv)| conv.forward(x.permute([0, 3, 1, 2]))) // [B, D, H, W]
+            .collect();
+        let mut pyramid: Vec<Tensor<4>> = Vec::with_capacity(laterals.len());
+        let mut above: Option<Tensor<4>> = None;
+        for lateral in laterals.into_iter().rev() {
+            let [_, _, h, w] = lateral.dims();
+            let merged = match above {
+                Some(coarse) => {
+                    let options = InterpolateOptions {
+                        mode: InterpolateMode::Nearest,
+                        align_corners: false,
+                        output_size: Some([h, w]),
+                        scale_factor: None,
+                    };
+                    lateral + interpolate(coarse, options)
+                }
+                None => lateral,
+            };
+            above = Some(merged.clone());
+            pyramid.push(merged);
+        }
+        pyramid.reverse();
+
+        let mut cls_levels = Vec::with_capacity(pyramid.len());
+        let mut box_levels = Vec::with_capacity(pyramid.len());
+        let mut level_sizes = Vec::with_capacity(pyramid.len());
+        for (level, feature) in pyramid.into_iter().enumerate() {
+            let feature = self.smooth[level].forward(feature);
+            let [b, _, h, w] = feature.dims();
+            level_sizes.push([h, w]);
+            let mut c = feature.clone();
+            for layer in &self.cls_tower {
+                c = relu(layer.norm.forward(layer.conv.forward(c)));
+            }
+            let mut r = feature;
+            for layer in &self.reg_tower {
+                r = relu(layer.norm.forward(layer.conv.forward(r)));
+            }
+            let cls = self.cls_out.forward(c); // [B, K, H, W]
+            let k = cls.dims()[1];
+            let reg = self.reg_out.forward(r); // [B, 4, H, W]
+            let scale = self.scales[level].val().reshape([1, 1, 1, 1]);
+            let reg = relu(reg * scale) * (strides[level] as f64);
+            cls_levels.push(cls.permute([0, 2, 3, 1]).reshape([b, h * w, k]));
+            box_levels.push(reg.permute([0, 2, 3, 1]).reshape([b, h * w, 4]));
+        }
+        HeadOutput {
+            cls_logits: Tensor::cat(cls_levels, 1),
+            box_ltrb: Tensor::cat(box_levels, 1),
+            level_sizes,
+        }
+    }
+}
+
+/// Centres of the head's locations in input pixels, `(x, y, stride)` per location, in the
+/// order of [`HeadOutput`] (levels finest first, rows, then columns).
+pub fn location_centres(level_sizes: &[[usize; 2]], strides: &[usize]) -> Vec<(f32, f32, f32)> {
+    let mut points = Vec::new();
+    for (&[h, w], &s) in level_sizes.iter().zip(strides) {
+        let s = s as f32;
+        for i in 0..h {
+            for j in 0..w {
+                points.push((j as f32 * s + s / 2.0, i as f32 * s + s / 2.0, s));
+            }
+        }
+    }
+    points
+}
+
+/// A box found by the detector, in the pixel coordinates of the image given to it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub x1: f32,
+    pub y1: f32,
+    pub x2: f32,
+    pub y2: f32,
+    pub class_id: usize,
+    pub score: f32,
+}
+
+impl Detection {
+    pub fn area(&self) -> f32 {
+        (self.x2 - self.x1).max(0.0) * (self.y2 - self.y1).max(0.0)
+    }
+}

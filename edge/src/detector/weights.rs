@@ -1,0 +1,181 @@
+//! Reading and writing weights: our own self-describing model files (SafeTensors with the
+//! detector config in the header) and timm Swin checkpoints. Every failure names the file and
+//! the tensor: missing keys, shape mismatches, non-finite values.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::store::{ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use safetensors::{Dtype, SafeTensors};
+
+use super::swin::SwinTransformer;
+use super::{Detector, DetectorConfig, DetectorError};
+
+/// Header key under which a model file stores its `DetectorConfig` as JSON.
+const CONFIG_KEY: &str = "detector_config";
+
+fn bad(path: &str, reason: impl Into<String>) -> DetectorError {
+    DetectorError::BadWeights {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, DetectorError> {
+    std::fs::read(path).map_err(|source| DetectorError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Refuses a file holding NaN or infinite weights, naming the first such tensor.
+fn check_finite(bytes: &[u8], origin: &str) -> Result<(), DetectorError> {
+    let tensors = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
+    for (name, view) in tensors.tensors() {
+        let data = view.data();
+        let bad_value = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .find(|v| !v.is_finite()),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .find(|v| !v.is_finite()),
+            _ => None,
+        };
+        if let Some(v) = bad_value {
+            return Err(bad(origin, format!("tensor `{name}` contains {v}")));
+        }
+    }
+    Ok(())
+}
+
+/// Exponent bits all set means inf or NaN; the value returned only needs to say which.
+fn half_to_f32(bits: u16) -> f32 {
+    if bits & 0x7c00 == 0x7c00 {
+        if bits & 0x03ff == 0 {
+            f32::INFINITY
+        } else {
+            f32::NAN
+        }
+    } else {
+        0.0
+    }
+}
+
+/// Turns an apply result into an error naming what did not fit.
+fn check_applied(result: &ApplyResult, origin: &str) -> Result<(), DetectorError> {
+    if let Some(error) = result.errors.first() {
+        return Err(bad(origin, error.to_string()));
+    }
+    if !result.missing.is_empty() {
+        let names: Vec<&str> = result
+            .missing
+            .iter()
+            .take(8)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        return Err(bad(
+            origin,
+            format!(
+                "{} tensor(s) missing: {}{}",
+                result.missing.len(),
+                names.join(", "),
+                if result.missing.len() > 8 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl SwinTransformer {
+    /// Loads a timm `SwinTransformer` state_dict saved as SafeTensors (timm key names; extra
+    /// keys such as the classifier `head.*` are ignored).
+    pub fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), DetectorError> {
+        let path = path.as_ref();
+        let origin = path.display().to_string();
+        let bytes = read(path)?;
+        self.load_timm_bytes(bytes, &origin)
+    }
+
+    pub fn load_timm_bytes(&mut self, bytes: Vec<u8>, origin: &str) -> Result<(), DetectorError> {
+        check_finite(&bytes, origin)?;
+        let mut store = SafetensorsStore::from_bytes(Some(bytes))
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .allow_partial(true)
+            .validate(false);
+        let result = self
+            .load_from(&mut store)
+            .map_err(|e| bad(origin, e.to_string()))?;
+        check_applied(&result, origin)
+    }
+}
+
+impl Detector {
+    /// Writes config and weights into one SafeTensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, DetectorError> {
+        let config = serde_json::to_string(&self.config)
+            .map_err(|e| DetectorError::InvalidConfig(e.to_string()))?;
+        let mut store = SafetensorsStore::from_bytes(None).metadata(CONFIG_KEY, config);
+        self.model
+            .save_into(&mut store)
+            .map_err(|e| bad("<memory>", e.to_string()))?;
+        store
+            .get_bytes()
+            .map_err(|e| bad("<memory>", e.to_string()))
+    }
+
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), DetectorError> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|source| DetectorError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, DetectorError> {
+        let path = path.as_ref();
+        let bytes = read(path)?;
+        Self::from_bytes(bytes, &path.display().to_string(), device)
+    }
+
+    /// Reads a model file produced by [`Detector::to_bytes`]; `origin` names it in errors.
+    pub fn from_bytes(
+        bytes: Vec<u8>,
+        origin: &str,
+        device: &Device,
+    ) -> Result<Self, DetectorError> {
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(CONFIG_KEY))
+            .ok_or_else(|| {
+                bad(
+                    origin,
+                    format!("no `{CONFIG_KEY}` in the header: not a detector model file"),
+                )
+            })?;
+        let config: DetectorConfig =
+            serde_json::from_str(json).map_err(|e| bad(origin, format!("`{CONFIG_KEY}`: {e}")))?;
+        check_finite(&bytes, origin)?;
+        let mut detector = Detector::new(config, device)?;
+        let mut store = SafetensorsStore::from_bytes(Some(bytes))
+            .allow_partial(true)
+            .validate(false);
+        let result = detector
+            .model
+            .load_from(&mut store)
+            .map_err(|e| bad(origin, e.to_string()))?;
+        check_applied(&result, origin)?;
+        Ok(detector)
+    }
+}
