@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 /// Size of the neck and head.
 #[derive(Config, Debug, PartialEq)]
 pub struct HeadConfig {
-    /// Channels of every pyramid level and of the head towers.
-    #[config(default = 96)]
+    /// Channels of every pyramid level and of the head towers. 64 keeps the head's cost under
+    /// half the edge backbone's at 224 (`scripts/bench-detector`); 96 doubled it.
+    #[config(default = 64)]
     pub dim: usize,
     /// 3x3 conv + GroupNorm + ReLU layers in each of the class and box towers.
     #[config(default = 2)]

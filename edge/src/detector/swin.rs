@@ -9,7 +9,7 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{Distribution, TensorCreationOptions};
@@ -380,7 +380,7 @@ impl SwinBlock {
         let x = shortcut + self.stochastic_depth(x);
         let y = self.norm2.forward(x.clone());
         let y = self.mlp.fc1.forward(y);
-        let y = gelu(y);
+        let y = super::kernels::gelu(y);
         let y = self.mlp.fc2.forward(y);
         let x = x + self.stochastic_depth(y);
         debug_assert_eq!(x.dims(), [b, h, w, c]);

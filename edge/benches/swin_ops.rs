@@ -1,0 +1,180 @@
+//! Where the Swin backbone's time goes on the default backend: the primitive operations of one
+//! block, timed at each stage's shape of the edge model (224x224, batch from `--batch`, default 1)
+//! and multiplied by the blocks per stage. Run by `scripts/bench-detector --breakdown`.
+
+// Every tensor op allocates; mimalloc keeps freed blocks for reuse instead of returning them
+// to the kernel, which saves page faults on every forward pass.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::Instant;
+
+use burn::nn::{LayerNormConfig, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use edge::detector::{SwinConfig, kernels};
+
+/// Timed for comparison, not counted in the sum (the backbone uses the other variant).
+const ALTERNATIVES: [&str; 2] = ["attention (matmul+softmax)", "gelu (burn)"];
+
+fn time_ms(mut f: impl FnMut(), runs: usize) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[runs / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let batch: usize = args
+        .iter()
+        .position(|a| a == "--batch")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let device = Device::flex();
+    let cfg = SwinConfig::edge();
+    let mut totals: Vec<(String, f64)> = Vec::new();
+    let mut add = |name: &str, ms: f64| match totals.iter_mut().find(|(n, _)| n == name) {
+        Some((_, t)) => *t += ms,
+        None => totals.push((name.to_string(), ms)),
+    };
+    let runs = 15;
+    for stage in 0..cfg.depths.len() {
+        let dim = cfg.embed_dim << stage;
+        let side = 56 >> stage;
+        let heads = cfg.num_heads[stage];
+        let win = side.min(7);
+        let nw = (side / win) * (side / win);
+        let n = win * win;
+        let tokens = batch * side * side;
+        let blocks = cfg.depths[stage] as f64;
+        let x = Tensor::<4>::random([batch, side, side, dim], Distribution::Default, &device);
+        let norm = LayerNormConfig::new(dim).init(&device);
+        let qkv = LinearConfig::new(dim, 3 * dim).init(&device);
+        let proj = LinearConfig::new(dim, dim).init(&device);
+        let fc1 = LinearConfig::new(dim, 4 * dim).init(&device);
+        let fc2 = LinearConfig::new(4 * dim, dim).init(&device);
+        let flat = x.clone().reshape([tokens, dim]);
+        let hidden = Tensor::<2>::random([tokens, 4 * dim], Distribution::Default, &device);
+        let hd = dim / heads;
+        let q = Tensor::<4>::random([batch * nw, heads, n, hd], Distribution::Default, &device);
+        let bias = Tensor::<4>::random([1, heads, n, n], Distribution::Default, &device);
+        let opts = AttentionModuleOptions {
+            scale: Some((hd as f64).powf(-0.5)),
+            softcap: None,
+            is_causal: false,
+        };
+        let sync2 = |t: Tensor<2>| drop(t.into_data());
+        add(
+            "layer_norm x2",
+            2.0 * blocks * time_ms(|| drop(norm.forward(x.clone()).into_data()), runs),
+        );
+        add(
+            "linear qkv",
+            blocks * time_ms(|| sync2(qkv.forward(flat.clone())), runs),
+        );
+        add(
+            "linear proj",
+            blocks * time_ms(|| sync2(proj.forward(flat.clone())), runs),
+        );
+        add(
+            "linear fc1",
+            blocks * time_ms(|| sync2(fc1.forward(flat.clone())), runs),
+        );
+        add(
+            "linear fc2",
+            blocks * time_ms(|| sync2(fc2.forward(hidden.clone())), runs),
+        );
+        add(
+            "gelu (ours, fast erf)",
+            blocks * time_ms(|| sync2(kernels::gelu(hidden.clone())), runs),
+        );
+        add(
+            "gelu (burn)",
+            blocks * time_ms(|| sync2(gelu(hidden.clone())), runs),
+        );
+        add(
+            "attention (fused op)",
+            blocks
+                * time_ms(
+                    || {
+                        drop(
+                            attention(
+                                q.clone(),
+                                q.clone(),
+                                q.clone(),
+                                None,
+                                Some(bias.clone()),
+                                opts,
+                            )
+                            .into_data(),
+                        )
+                    },
+                    runs,
+                ),
+        );
+        add(
+            "attention (matmul+softmax)",
+            blocks
+                * time_ms(
+                    || {
+                        let s = q.clone().matmul(q.clone().swap_dims(2, 3)) + bias.clone();
+                        drop(softmax(s, 3).matmul(q.clone()).into_data())
+                    },
+                    runs,
+                ),
+        );
+        // Layout work: window partition and reverse (a permute copy each), the qkv split into
+        // heads (a permute copy) and the head merge (a permute copy), and in shifted blocks two rolls.
+        let copy = || {
+            let y = x
+                .clone()
+                .reshape([batch, side / win, win, side / win, win, dim])
+                .permute([0, 1, 3, 2, 4, 5]);
+            drop(y.reshape([tokens, dim]).into_data());
+        };
+        add(
+            "layout copies (4 per block)",
+            4.0 * blocks * time_ms(copy, runs),
+        );
+        if side > win {
+            add(
+                "roll x2 (shifted blocks)",
+                2.0 * (blocks / 2.0)
+                    * time_ms(
+                        || drop(x.clone().roll(&[-3i64, -3], &[1, 2]).into_data()),
+                        runs,
+                    ),
+            );
+        }
+        add(
+            "residual add x2",
+            2.0 * blocks * time_ms(|| drop((x.clone() + x.clone()).into_data()), runs),
+        );
+    }
+    let total: f64 = totals
+        .iter()
+        .filter(|(n, _)| !ALTERNATIVES.contains(&n.as_str()))
+        .map(|(_, t)| t)
+        .sum();
+    println!("edge Swin backbone at 224, batch {batch}: time by operation (summed over blocks)");
+    for (name, ms) in &totals {
+        let share = if ALTERNATIVES.contains(&name.as_str()) {
+            String::from("(alt.)")
+        } else {
+            format!("{:5.1}%", 100.0 * ms / total)
+        };
+        println!("  {name:30} {ms:8.2} ms  {share}");
+    }
+    println!("  {:30} {total:8.2} ms", "sum");
+}
