@@ -12,6 +12,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use edge::detector::{AttentionImpl, DetectorConfig, NEU_CLASSES, SwinConfig};
+use edge::device::DeviceChoice;
 
 fn median_ms(mut f: impl FnMut(), warmup: usize, runs: usize) -> (f64, f64) {
     for _ in 0..warmup {
@@ -35,7 +36,13 @@ fn main() {
         .iter()
         .position(|a| a == "--model")
         .and_then(|i| args.get(i + 1).cloned());
-    let device = Device::flex();
+    let device_name = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "flex".into());
+    let choice = <DeviceChoice as clap::ValueEnum>::from_str(&device_name, true).expect("--device flex|wgpu|cuda");
+    let device = choice.device().expect("device compiled in");
     let runs: usize = if quick { 3 } else { 10 };
     for (name, swin) in [("edge", SwinConfig::edge()), ("tiny", SwinConfig::tiny())] {
         if only.as_deref().is_some_and(|o| o != name) {
@@ -62,7 +69,7 @@ fn main() {
                     runs,
                 );
                 println!(
-                    "{{\"impl\":\"burn-flex\",\"part\":\"backbone\",\"attention\":\"{label}\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2}}}"
+                    "{{\"impl\":\"burn-{device_name}\",\"part\":\"backbone\",\"attention\":\"{label}\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2}}}"
                 );
             }
             let (median, best) = median_ms(
@@ -75,7 +82,7 @@ fn main() {
                 runs,
             );
             println!(
-                "{{\"impl\":\"burn-flex\",\"part\":\"detector\",\"attention\":\"fused\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2},\"classes\":{}}}",
+                "{{\"impl\":\"burn-{device_name}\",\"part\":\"detector\",\"attention\":\"fused\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2},\"classes\":{}}}",
                 NEU_CLASSES.len()
             );
         }

@@ -25,7 +25,7 @@ impl DeviceChoice {
         match self {
             DeviceChoice::Flex => Ok(Device::flex()),
             #[cfg(feature = "wgpu")]
-            DeviceChoice::Wgpu => Ok(Device::wgpu(Default::default())),
+            DeviceChoice::Wgpu => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
             #[cfg(not(feature = "wgpu"))]
             DeviceChoice::Wgpu => Err(DeviceUnavailable("wgpu")),
             #[cfg(feature = "cuda")]
