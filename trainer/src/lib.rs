@@ -1,1 +1,3 @@
+//! The trainer: data (NEU-DET/VOC, synthetic), fine-tuning the edge detector, evaluation.
 
+pub mod data;
