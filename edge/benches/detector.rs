@@ -41,7 +41,8 @@ fn main() {
         .position(|a| a == "--device")
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| "flex".into());
-    let choice = <DeviceChoice as clap::ValueEnum>::from_str(&device_name, true).expect("--device flex|wgpu|cuda");
+    let choice = <DeviceChoice as clap::ValueEnum>::from_str(&device_name, true)
+        .expect("--device flex|wgpu|cuda");
     let device = choice.device().expect("device compiled in");
     let runs: usize = if quick { 3 } else { 10 };
     for (name, swin) in [("edge", SwinConfig::edge()), ("tiny", SwinConfig::tiny())] {

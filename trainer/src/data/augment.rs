@@ -72,7 +72,12 @@ impl AugmentConfig {
 }
 
 /// Applies the configured augmentations to an image and its boxes.
-pub fn augment(mut image: DynamicImage, mut objects: Vec<Object>, config: &AugmentConfig, rng: &mut StdRng) -> (DynamicImage, Vec<Object>) {
+pub fn augment(
+    mut image: DynamicImage,
+    mut objects: Vec<Object>,
+    config: &AugmentConfig,
+    rng: &mut StdRng,
+) -> (DynamicImage, Vec<Object>) {
     if rng.random_bool(config.crop.clamp(0.0, 1.0)) {
         (image, objects) = random_crop(image, objects, config, rng);
     }
@@ -104,7 +109,12 @@ pub fn augment(mut image: DynamicImage, mut objects: Vec<Object>, config: &Augme
     (image, objects)
 }
 
-fn random_crop(image: DynamicImage, objects: Vec<Object>, config: &AugmentConfig, rng: &mut StdRng) -> (DynamicImage, Vec<Object>) {
+fn random_crop(
+    image: DynamicImage,
+    objects: Vec<Object>,
+    config: &AugmentConfig,
+    rng: &mut StdRng,
+) -> (DynamicImage, Vec<Object>) {
     let (w, h) = image.dimensions();
     let area = rng.random_range(config.crop_min_area.clamp(0.05, 1.0)..=1.0f32);
     let aspect = (rng.random_range(-0.3f32..0.3)).exp();
@@ -124,7 +134,9 @@ fn random_crop(image: DynamicImage, objects: Vec<Object>, config: &AugmentConfig
             ];
             let before = (o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]);
             let after = (b[2] - b[0]) * (b[3] - b[1]);
-            (after >= config.crop_min_box_visibility * before && b[2] - b[0] >= 2.0 && b[3] - b[1] >= 2.0)
+            (after >= config.crop_min_box_visibility * before
+                && b[2] - b[0] >= 2.0
+                && b[3] - b[1] >= 2.0)
                 .then_some(Object { bbox: b, ..o })
         })
         .collect();
@@ -135,7 +147,11 @@ fn photometric(image: DynamicImage, config: &AugmentConfig, rng: &mut StdRng) ->
     let gain = 1.0 + rng.random_range(-1.0..=1.0f32) * config.contrast;
     let offset = rng.random_range(-1.0..=1.0f32) * config.brightness * 128.0;
     let gamma = (rng.random_range(-1.0..=1.0f32) * config.gamma).exp();
-    let noise_std = if rng.random_bool(config.noise.clamp(0.0, 1.0)) { rng.random_range(0.0..=config.noise_std) } else { 0.0 };
+    let noise_std = if rng.random_bool(config.noise.clamp(0.0, 1.0)) {
+        rng.random_range(0.0..=config.noise_std)
+    } else {
+        0.0
+    };
     let identity = gain == 1.0 && offset == 0.0 && gamma == 1.0 && noise_std == 0.0;
     let mut image = if identity {
         image
@@ -148,7 +164,13 @@ fn photometric(image: DynamicImage, config: &AugmentConfig, rng: &mut StdRng) ->
             })
             .collect();
         for p in buffer.bytes_mut() {
-            let noise = if noise_std > 0.0 { (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * noise_std } else { 0.0 };
+            let noise = if noise_std > 0.0 {
+                (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5)
+                    * 2.0
+                    * noise_std
+            } else {
+                0.0
+            };
             *p = (table[*p as usize] + noise).round().clamp(0.0, 255.0) as u8;
         }
         buffer.into_dynamic()
@@ -187,7 +209,11 @@ trait IntoBuffer {
 
 impl IntoBuffer for DynamicImage {
     fn into_luma8_or_rgb8(self) -> Buffer {
-        if self.color().has_color() { Buffer::Rgb(self.into_rgb8()) } else { Buffer::Luma(self.into_luma8()) }
+        if self.color().has_color() {
+            Buffer::Rgb(self.into_rgb8())
+        } else {
+            Buffer::Luma(self.into_luma8())
+        }
     }
 }
 
@@ -203,14 +229,32 @@ mod tests {
         let (w, h) = (64u32, 48u32);
         let bbox = [10.0f32, 5.0, 30.0, 20.0];
         let img = image::GrayImage::from_fn(w, h, |x, y| {
-            let inside = (x as f32) >= bbox[0] && (x as f32) < bbox[2] && (y as f32) >= bbox[1] && (y as f32) < bbox[3];
+            let inside = (x as f32) >= bbox[0]
+                && (x as f32) < bbox[2]
+                && (y as f32) >= bbox[1]
+                && (y as f32) < bbox[3];
             image::Luma([if inside { 255 } else { 0 }])
         });
-        let config = AugmentConfig { hflip: 0.5, vflip: 0.5, rot90: 0.5, crop: 0.0, ..AugmentConfig::none() };
+        let config = AugmentConfig {
+            hflip: 0.5,
+            vflip: 0.5,
+            rot90: 0.5,
+            crop: 0.0,
+            ..AugmentConfig::none()
+        };
         for seed in 0..24 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let objects = vec![Object { class_id: 0, bbox, difficult: false }];
-            let (out, objs) = augment(DynamicImage::ImageLuma8(img.clone()), objects, &config, &mut rng);
+            let objects = vec![Object {
+                class_id: 0,
+                bbox,
+                difficult: false,
+            }];
+            let (out, objs) = augment(
+                DynamicImage::ImageLuma8(img.clone()),
+                objects,
+                &config,
+                &mut rng,
+            );
             let out = out.into_luma8();
             let b = objs[0].bbox;
             let (mut x1, mut y1, mut x2, mut y2) = (u32::MAX, u32::MAX, 0, 0);
@@ -219,28 +263,56 @@ mod tests {
                     (x1, y1, x2, y2) = (x1.min(x), y1.min(y), x2.max(x + 1), y2.max(y + 1));
                 }
             }
-            assert_eq!([x1 as f32, y1 as f32, x2 as f32, y2 as f32], b, "seed {seed}");
+            assert_eq!(
+                [x1 as f32, y1 as f32, x2 as f32, y2 as f32],
+                b,
+                "seed {seed}"
+            );
         }
     }
 
     #[test]
     fn crop_drops_boxes_mostly_outside() {
         let img = DynamicImage::ImageLuma8(image::GrayImage::new(100, 100));
-        let config = AugmentConfig { crop: 1.0, crop_min_area: 0.25, crop_min_box_visibility: 0.2, ..AugmentConfig::none() };
+        let config = AugmentConfig {
+            crop: 1.0,
+            crop_min_area: 0.25,
+            crop_min_box_visibility: 0.2,
+            ..AugmentConfig::none()
+        };
         let mut dropped = 0;
         for seed in 0..20 {
             let objects = vec![
-                Object { class_id: 1, bbox: [0.0, 0.0, 100.0, 100.0], difficult: false },
-                Object { class_id: 2, bbox: [0.0, 0.0, 10.0, 10.0], difficult: false },
+                Object {
+                    class_id: 1,
+                    bbox: [0.0, 0.0, 100.0, 100.0],
+                    difficult: false,
+                },
+                Object {
+                    class_id: 2,
+                    bbox: [0.0, 0.0, 10.0, 10.0],
+                    difficult: false,
+                },
             ];
-            let (out, objs) = augment(img.clone(), objects, &config, &mut StdRng::seed_from_u64(seed));
+            let (out, objs) = augment(
+                img.clone(),
+                objects,
+                &config,
+                &mut StdRng::seed_from_u64(seed),
+            );
             // A full-image box becomes the crop window (visible area >= 25% > 20%).
-            assert_eq!(objs[0].bbox, [0.0, 0.0, out.width() as f32, out.height() as f32]);
+            assert_eq!(
+                objs[0].bbox,
+                [0.0, 0.0, out.width() as f32, out.height() as f32]
+            );
             if objs.len() == 1 {
                 dropped += 1;
             } else {
                 let b = objs[1].bbox;
-                assert!((b[2] - b[0]) * (b[3] - b[1]) >= 20.0, "kept with >= 20% of its area: {b:?}");
+                assert!(
+                    (b[2] - b[0]) * (b[3] - b[1]) >= 20.0,
+                    "kept with >= 20% of its area: {b:?}"
+                );
             }
         }
         assert!(dropped > 0, "a corner box falls outside some crops");

@@ -35,7 +35,11 @@ pub fn decode(sample: &Sample, grey: bool) -> Result<DynamicImage, DataError> {
         path: sample.image_path.display().to_string(),
         reason: format!("cannot decode image: {e}"),
     })?;
-    Ok(if grey { DynamicImage::ImageLuma8(image.into_luma8()) } else { DynamicImage::ImageRgb8(image.into_rgb8()) })
+    Ok(if grey {
+        DynamicImage::ImageLuma8(image.into_luma8())
+    } else {
+        DynamicImage::ImageRgb8(image.into_rgb8())
+    })
 }
 
 /// One sample, augmented (when `augmentation` is given) and preprocessed.
@@ -61,11 +65,16 @@ pub fn prepare(
         channels,
         pixels,
     };
-    let (data, inverse) = preprocess.prepare(&view, 0).map_err(|e| DataError::Invalid {
-        path: sample.image_path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let boxes = objects.iter().map(|o: &Object| to_input(o, &inverse)).collect();
+    let (data, inverse) = preprocess
+        .prepare(&view, 0)
+        .map_err(|e| DataError::Invalid {
+            path: sample.image_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let boxes = objects
+        .iter()
+        .map(|o: &Object| to_input(o, &inverse))
+        .collect();
     Ok((data, boxes, inverse))
 }
 
@@ -90,7 +99,14 @@ pub fn make_batch(
     let prepared: Vec<_> = indices
         .par_iter()
         .zip(seeds.par_iter())
-        .map(|(&i, &seed)| prepare(&samples[i], preprocess, augmentation, &mut StdRng::seed_from_u64(seed)))
+        .map(|(&i, &seed)| {
+            prepare(
+                &samples[i],
+                preprocess,
+                augmentation,
+                &mut StdRng::seed_from_u64(seed),
+            )
+        })
         .collect::<Result<_, _>>()?;
     let mut pixels = Vec::with_capacity(prepared.iter().map(|p| p.0.len()).sum());
     let mut boxes = Vec::with_capacity(prepared.len());
@@ -112,7 +128,9 @@ pub fn make_batch(
 /// The order of one training epoch: a shuffle fixed by (seed, epoch).
 pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64));
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64,
+    ));
     order
 }
 
@@ -146,7 +164,10 @@ pub fn stream_epoch(
     let (sender, receiver) = sync_channel(prefetch.max(1));
     std::thread::spawn(move || {
         for (b, chunk) in chunks.into_iter().enumerate().skip(skip) {
-            let seeds: Vec<u64> = chunk.iter().map(|&i| seed ^ ((b as u64) << 40) ^ ((i as u64) << 1) ^ 0xA5A5).collect();
+            let seeds: Vec<u64> = chunk
+                .iter()
+                .map(|&i| seed ^ ((b as u64) << 40) ^ ((i as u64) << 1) ^ 0xA5A5)
+                .collect();
             let batch = make_batch(&samples, &chunk, &preprocess, augmentation.as_ref(), &seeds);
             if sender.send(batch).is_err() {
                 return;

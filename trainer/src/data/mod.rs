@@ -77,7 +77,11 @@ mod tests {
             image_path: PathBuf::from(format!("{stem}.jpg")),
             width: 10,
             height: 10,
-            objects: vec![Object { class_id, bbox: [0.0, 0.0, 5.0, 5.0], difficult: false }],
+            objects: vec![Object {
+                class_id,
+                bbox: [0.0, 0.0, 5.0, 5.0],
+                difficult: false,
+            }],
         }
     }
 
@@ -85,7 +89,12 @@ mod tests {
         let classes = vec!["a".to_string(), "b".to_string()];
         let mut samples: Vec<Sample> = (0..20).map(|i| sample(&format!("a_{i}"), 0)).collect();
         samples.extend((0..10).map(|i| sample(&format!("b_{i}"), 1)));
-        Dataset { root: PathBuf::new(), classes, samples, warnings: vec![] }
+        Dataset {
+            root: PathBuf::new(),
+            classes,
+            samples,
+            warnings: vec![],
+        }
     }
 
     #[test]
@@ -107,8 +116,15 @@ mod tests {
         let d = dataset();
         let chosen = k_shot(&d.samples, 2, 3, 1);
         assert_eq!(chosen.len(), 6);
-        assert_eq!(chosen.iter().filter(|s| s.objects[0].class_id == 1).count(), 3);
+        assert_eq!(
+            chosen.iter().filter(|s| s.objects[0].class_id == 1).count(),
+            3
+        );
         assert_eq!(k_shot(&d.samples, 2, 3, 1), chosen, "deterministic");
-        assert_eq!(k_shot(&d.samples, 2, 15, 1).len(), 25, "class b has only 10");
+        assert_eq!(
+            k_shot(&d.samples, 2, 15, 1).len(),
+            25,
+            "class b has only 10"
+        );
     }
 }

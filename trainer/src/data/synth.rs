@@ -68,12 +68,16 @@ fn steel_background(rng: &mut StdRng) -> Vec<f32> {
     let base = rng.random_range(95.0..150.0f32);
     // Low-frequency shading from a coarse random grid, bilinearly interpolated.
     let g = 6usize;
-    let grid: Vec<f32> = (0..g * g).map(|_| rng.random_range(-12.0..12.0f32)).collect();
+    let grid: Vec<f32> = (0..g * g)
+        .map(|_| rng.random_range(-12.0..12.0f32))
+        .collect();
     // Rolling direction: streaks along x, one offset per row, smoothed.
     let mut rows: Vec<f32> = (0..SIZE).map(|_| rng.random_range(-6.0..6.0f32)).collect();
     for _ in 0..2 {
         rows = (0..SIZE as usize)
-            .map(|i| (rows[i.saturating_sub(1)] + rows[i] + rows[(i + 1).min(SIZE as usize - 1)]) / 3.0)
+            .map(|i| {
+                (rows[i.saturating_sub(1)] + rows[i] + rows[(i + 1).min(SIZE as usize - 1)]) / 3.0
+            })
             .collect();
     }
     let grain = rng.random_range(3.0..8.0f32);
@@ -105,7 +109,11 @@ fn region(rng: &mut StdRng, min: f32, max: f32) -> (f32, f32, f32, f32) {
 }
 
 fn sign(rng: &mut StdRng, dark_probability: f64) -> f32 {
-    if rng.random_bool(dark_probability) { -1.0 } else { 1.0 }
+    if rng.random_bool(dark_probability) {
+        -1.0
+    } else {
+        1.0
+    }
 }
 
 /// Draws one defect instance of `class_id` (NEU order) and returns its box.
@@ -118,7 +126,10 @@ fn draw_defect(canvas: &mut Canvas, class_id: usize, rng: &mut StdRng) -> Option
             for _ in 0..cracks {
                 let (mut px, mut py) = (x + rng.random_range(0.0..w), y + rng.random_range(0.0..h));
                 for _ in 0..rng.random_range(2..5) {
-                    let (nx, ny) = (px + rng.random_range(-8.0..8.0f32), py + rng.random_range(-8.0..8.0f32));
+                    let (nx, ny) = (
+                        px + rng.random_range(-8.0..8.0f32),
+                        py + rng.random_range(-8.0..8.0f32),
+                    );
                     let (nx, ny) = (nx.clamp(x, x + w), ny.clamp(y, y + h));
                     canvas.line(px, py, nx, ny, 1.0, -rng.random_range(18.0..32.0f32));
                     (px, py) = (nx, ny);
@@ -127,21 +138,36 @@ fn draw_defect(canvas: &mut Canvas, class_id: usize, rng: &mut StdRng) -> Option
         }
         // inclusion: elongated dark spots along the rolling direction.
         1 => {
-            let (cx, cy) = (rng.random_range(15.0..185.0f32), rng.random_range(15.0..185.0f32));
+            let (cx, cy) = (
+                rng.random_range(15.0..185.0f32),
+                rng.random_range(15.0..185.0f32),
+            );
             let len = rng.random_range(10.0..60.0f32);
             let vertical = rng.random_bool(0.5);
             let width = rng.random_range(3.0..8.0f32);
             let delta = -rng.random_range(35.0..70.0f32);
-            let (dx, dy) = if vertical { (0.0, len / 2.0) } else { (len / 2.0, 0.0) };
+            let (dx, dy) = if vertical {
+                (0.0, len / 2.0)
+            } else {
+                (len / 2.0, 0.0)
+            };
             canvas.line(cx - dx, cy - dy, cx + dx, cy + dy, width, delta);
         }
         // patches: large irregular blotches.
         2 => {
-            let (cx, cy) = (rng.random_range(30.0..170.0f32), rng.random_range(30.0..170.0f32));
+            let (cx, cy) = (
+                rng.random_range(30.0..170.0f32),
+                rng.random_range(30.0..170.0f32),
+            );
             let delta = sign(rng, 0.75) * rng.random_range(25.0..55.0f32);
             for _ in 0..rng.random_range(3..7) {
                 let r = rng.random_range(8.0..30.0f32);
-                canvas.disc(cx + rng.random_range(-25.0..25.0f32), cy + rng.random_range(-25.0..25.0f32), r, delta / 2.0);
+                canvas.disc(
+                    cx + rng.random_range(-25.0..25.0f32),
+                    cy + rng.random_range(-25.0..25.0f32),
+                    r,
+                    delta / 2.0,
+                );
             }
         }
         // pitted_surface: clusters of small dark pits.
@@ -149,7 +175,12 @@ fn draw_defect(canvas: &mut Canvas, class_id: usize, rng: &mut StdRng) -> Option
             let (x, y, w, h) = region(rng, 25.0, 110.0);
             for _ in 0..rng.random_range(15..60) {
                 let r = rng.random_range(1.0..3.5f32);
-                canvas.disc(x + rng.random_range(0.0..w), y + rng.random_range(0.0..h), r, -rng.random_range(35.0..65.0f32));
+                canvas.disc(
+                    x + rng.random_range(0.0..w),
+                    y + rng.random_range(0.0..h),
+                    r,
+                    -rng.random_range(35.0..65.0f32),
+                );
             }
         }
         // rolled-in_scale: scattered flakes pressed into the surface, elongated along rolling.
@@ -158,21 +189,39 @@ fn draw_defect(canvas: &mut Canvas, class_id: usize, rng: &mut StdRng) -> Option
             for _ in 0..rng.random_range(12..40) {
                 let (px, py) = (x + rng.random_range(0.0..w), y + rng.random_range(0.0..h));
                 let len = rng.random_range(4.0..14.0f32);
-                canvas.line(px, py, px + len, py + rng.random_range(-2.0..2.0f32), rng.random_range(1.5..4.0f32), sign(rng, 0.6) * rng.random_range(25.0..45.0f32));
+                canvas.line(
+                    px,
+                    py,
+                    px + len,
+                    py + rng.random_range(-2.0..2.0f32),
+                    rng.random_range(1.5..4.0f32),
+                    sign(rng, 0.6) * rng.random_range(25.0..45.0f32),
+                );
             }
         }
         // scratches: long thin, nearly straight lines.
         5 => {
             let len = rng.random_range(60.0..190.0f32);
             let angle = if rng.random_bool(0.7) {
-                rng.random_range(-0.3..0.3f32) + std::f32::consts::FRAC_PI_2 * if rng.random_bool(0.5) { 1.0 } else { 0.0 }
+                rng.random_range(-0.3..0.3f32)
+                    + std::f32::consts::FRAC_PI_2 * if rng.random_bool(0.5) { 1.0 } else { 0.0 }
             } else {
                 rng.random_range(0.0..std::f32::consts::PI)
             };
-            let (cx, cy) = (rng.random_range(30.0..170.0f32), rng.random_range(30.0..170.0f32));
+            let (cx, cy) = (
+                rng.random_range(30.0..170.0f32),
+                rng.random_range(30.0..170.0f32),
+            );
             let (dx, dy) = (angle.cos() * len / 2.0, angle.sin() * len / 2.0);
             let delta = sign(rng, 0.4) * rng.random_range(35.0..70.0f32);
-            canvas.line(cx - dx, cy - dy, cx + dx, cy + dy, rng.random_range(1.0..3.0f32), delta);
+            canvas.line(
+                cx - dx,
+                cy - dy,
+                cx + dx,
+                cy + dy,
+                rng.random_range(1.0..3.0f32),
+                delta,
+            );
         }
         _ => return None,
     }
@@ -185,7 +234,11 @@ pub fn generate(class_id: usize, rng: &mut StdRng) -> (GrayImage, Vec<DrawnDefec
         pixels: steel_background(rng),
         extent: None,
     };
-    let count = if class_id == 2 || class_id == 0 { rng.random_range(1..3) } else { rng.random_range(1..4) };
+    let count = if class_id == 2 || class_id == 0 {
+        rng.random_range(1..3)
+    } else {
+        rng.random_range(1..4)
+    };
     let mut defects = Vec::new();
     for _ in 0..count {
         if let Some(bbox) = draw_defect(&mut canvas, class_id, rng)
@@ -195,13 +248,23 @@ pub fn generate(class_id: usize, rng: &mut StdRng) -> (GrayImage, Vec<DrawnDefec
             defects.push(DrawnDefect { class_id, bbox });
         }
     }
-    let raw: Vec<u8> = canvas.pixels.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
+    let raw: Vec<u8> = canvas
+        .pixels
+        .iter()
+        .map(|v| v.round().clamp(0.0, 255.0) as u8)
+        .collect();
     let image = GrayImage::from_raw(SIZE, SIZE, raw).expect("buffer matches size");
     (image, defects)
 }
 
 /// VOC XML for one image, in NEU-DET's shape.
-pub fn voc_xml(filename: &str, width: u32, height: u32, defects: &[DrawnDefect], classes: &[String]) -> String {
+pub fn voc_xml(
+    filename: &str,
+    width: u32,
+    height: u32,
+    defects: &[DrawnDefect],
+    classes: &[String],
+) -> String {
     let mut xml = format!(
         "<annotation>\n\t<folder>synthetic</folder>\n\t<filename>{filename}</filename>\n\t<source>\n\t\t<database>synthetic NEU-DET</database>\n\t</source>\n\t<size>\n\t\t<width>{width}</width>\n\t\t<height>{height}</height>\n\t\t<depth>1</depth>\n\t</size>\n\t<segmented>0</segmented>\n"
     );
@@ -216,7 +279,12 @@ pub fn voc_xml(filename: &str, width: u32, height: u32, defects: &[DrawnDefect],
 }
 
 /// Writes `per_class` images of each class to `out/images` and `out/annotations`.
-pub fn write_dataset(out: &Path, classes: &[String], per_class: usize, seed: u64) -> Result<usize, DataError> {
+pub fn write_dataset(
+    out: &Path,
+    classes: &[String],
+    per_class: usize,
+    seed: u64,
+) -> Result<usize, DataError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source: std::io::Error| DataError::Io { path, source }
@@ -238,7 +306,11 @@ pub fn write_dataset(out: &Path, classes: &[String], per_class: usize, seed: u64
                 reason: e.to_string(),
             })?;
             let xml_path = annotations.join(format!("{stem}.xml"));
-            std::fs::write(&xml_path, voc_xml(&format!("{stem}.jpg"), SIZE, SIZE, &defects, classes)).map_err(io(&xml_path))?;
+            std::fs::write(
+                &xml_path,
+                voc_xml(&format!("{stem}.jpg"), SIZE, SIZE, &defects, classes),
+            )
+            .map_err(io(&xml_path))?;
             written += 1;
         }
     }
@@ -253,7 +325,10 @@ mod tests {
     #[test]
     fn written_set_loads_back_with_boxes_of_its_class() {
         let dir = tempfile::tempdir().unwrap();
-        let classes: Vec<String> = edge::detector::NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+        let classes: Vec<String> = edge::detector::NEU_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(write_dataset(dir.path(), &classes, 3, 5).unwrap(), 18);
         let data = voc::load(dir.path(), &classes).unwrap();
         assert_eq!(data.samples.len(), 18);
@@ -273,14 +348,20 @@ mod tests {
         assert_eq!(da, db);
         let clean = GrayImage::from_raw(SIZE, SIZE, {
             let mut rng = StdRng::seed_from_u64(3);
-            steel_background(&mut rng).iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
+            steel_background(&mut rng)
+                .iter()
+                .map(|v| v.round().clamp(0.0, 255.0) as u8)
+                .collect()
         })
         .unwrap();
         // Every changed pixel lies inside some box.
         for (x, y, p) in a.enumerate_pixels() {
             if p != clean.get_pixel(x, y) {
                 let inside = da.iter().any(|d| {
-                    (x as f32) >= d.bbox[0] && (x as f32) < d.bbox[2] && (y as f32) >= d.bbox[1] && (y as f32) < d.bbox[3]
+                    (x as f32) >= d.bbox[0]
+                        && (x as f32) < d.bbox[2]
+                        && (y as f32) >= d.bbox[1]
+                        && (y as f32) < d.bbox[3]
                 });
                 assert!(inside, "pixel {x},{y} changed outside every box");
             }

@@ -105,10 +105,9 @@ pub fn load(root: &Path, classes: &[String]) -> Result<Dataset, DataError> {
                 source,
             })?
             .path();
-        let is_image = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e) || IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()));
+        let is_image = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            IMAGE_EXTENSIONS.contains(&e) || IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str())
+        });
         if let (true, Some(stem)) = (is_image, path.file_stem().and_then(|s| s.to_str())) {
             images.insert(stem.to_string(), path.clone());
         }
@@ -118,7 +117,11 @@ pub fn load(root: &Path, classes: &[String]) -> Result<Dataset, DataError> {
     for (stem, image_path) in images {
         let xml_path = annotations_dir.join(format!("{stem}.xml"));
         if !xml_path.exists() {
-            warnings.push(format!("{}: no annotation {}, skipped", image_path.display(), xml_path.display()));
+            warnings.push(format!(
+                "{}: no annotation {}, skipped",
+                image_path.display(),
+                xml_path.display()
+            ));
             continue;
         }
         let (width, height) = image::image_dimensions(&image_path)
@@ -133,7 +136,10 @@ pub fn load(root: &Path, classes: &[String]) -> Result<Dataset, DataError> {
         });
     }
     if samples.is_empty() {
-        return Err(invalid(root, "no image with an annotation under images/ and annotations/"));
+        return Err(invalid(
+            root,
+            "no image with an annotation under images/ and annotations/",
+        ));
     }
     Ok(Dataset {
         root: root.to_path_buf(),
@@ -156,13 +162,20 @@ pub fn parse_annotation(
         path: xml_path.display().to_string(),
         source,
     })?;
-    let parsed: XmlAnnotation =
-        quick_xml::de::from_str(&text).map_err(|e| invalid(xml_path, format!("malformed annotation: {e}")))?;
+    let parsed: XmlAnnotation = quick_xml::de::from_str(&text)
+        .map_err(|e| invalid(xml_path, format!("malformed annotation: {e}")))?;
     let mut objects = Vec::with_capacity(parsed.objects.len());
     for (i, o) in parsed.objects.iter().enumerate() {
         let name = o.name.trim();
         let class_id = classes.iter().position(|c| c == name).ok_or_else(|| {
-            invalid(xml_path, format!("object {}: unknown class `{name}` (known: {})", i + 1, classes.join(", ")))
+            invalid(
+                xml_path,
+                format!(
+                    "object {}: unknown class `{name}` (known: {})",
+                    i + 1,
+                    classes.join(", ")
+                ),
+            )
         })?;
         let coord = |field: &str, value: &str| -> Result<f32, DataError> {
             value
@@ -170,7 +183,12 @@ pub fn parse_annotation(
                 .parse::<f32>()
                 .ok()
                 .filter(|v| v.is_finite())
-                .ok_or_else(|| invalid(xml_path, format!("object {}: <{field}> is `{value}`, not a number", i + 1)))
+                .ok_or_else(|| {
+                    invalid(
+                        xml_path,
+                        format!("object {}: <{field}> is `{value}`, not a number", i + 1),
+                    )
+                })
         };
         let b = &o.bndbox;
         let raw = [
@@ -233,25 +251,66 @@ mod tests {
         );
         let mut warnings = Vec::new();
         let objects = parse_annotation(&xml, &classes(), 200, 200, &mut warnings).unwrap();
-        assert_eq!(objects, vec![Object { class_id: 1, bbox: [0.0, 10.0, 200.0, 40.0], difficult: true }]);
+        assert_eq!(
+            objects,
+            vec![Object {
+                class_id: 1,
+                bbox: [0.0, 10.0, 200.0, 40.0],
+                difficult: true
+            }]
+        );
         assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].contains("a.xml") && warnings[0].contains("object 2"), "{}", warnings[0]);
+        assert!(
+            warnings[0].contains("a.xml") && warnings[0].contains("object 2"),
+            "{}",
+            warnings[0]
+        );
     }
 
     #[test]
     fn malformed_xml_names_file_and_problem() {
         let dir = tempfile::tempdir().unwrap();
-        let xml = write(dir.path(), "b.xml", "<annotation><object><name>crazing</name><bndbox><xmin>1</xmin></bndbox></object></annotation>");
-        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new()).unwrap_err().to_string();
+        let xml = write(
+            dir.path(),
+            "b.xml",
+            "<annotation><object><name>crazing</name><bndbox><xmin>1</xmin></bndbox></object></annotation>",
+        );
+        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("b.xml") && err.contains("ymin"), "{err}");
-        let xml = write(dir.path(), "c.xml", "<annotation><object><name>crazing</name>");
-        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new()).unwrap_err().to_string();
+        let xml = write(
+            dir.path(),
+            "c.xml",
+            "<annotation><object><name>crazing</name>",
+        );
+        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c.xml") && err.contains("malformed"), "{err}");
-        let xml = write(dir.path(), "d.xml", "<annotation><object><name>dent</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>");
-        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new()).unwrap_err().to_string();
-        assert!(err.contains("d.xml") && err.contains("unknown class `dent`"), "{err}");
-        let xml = write(dir.path(), "e.xml", "<annotation><object><name>crazing</name><bndbox><xmin>1</xmin><ymin>x</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>");
-        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new()).unwrap_err().to_string();
-        assert!(err.contains("e.xml") && err.contains("<ymin> is `x`"), "{err}");
+        let xml = write(
+            dir.path(),
+            "d.xml",
+            "<annotation><object><name>dent</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>",
+        );
+        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.xml") && err.contains("unknown class `dent`"),
+            "{err}"
+        );
+        let xml = write(
+            dir.path(),
+            "e.xml",
+            "<annotation><object><name>crazing</name><bndbox><xmin>1</xmin><ymin>x</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>",
+        );
+        let err = parse_annotation(&xml, &classes(), 200, 200, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("e.xml") && err.contains("<ymin> is `x`"),
+            "{err}"
+        );
     }
 }
