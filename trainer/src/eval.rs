@@ -64,7 +64,7 @@ fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
 }
 
 /// Predictions of one class sorted by descending score, ties in input order (stable).
-fn sorted_by_score<'a>(predictions: &'a [Prediction], class_id: usize) -> Vec<&'a Prediction> {
+fn sorted_by_score(predictions: &[Prediction], class_id: usize) -> Vec<&Prediction> {
     let mut ps: Vec<&Prediction> = predictions
         .iter()
         .filter(|p| p.class_id == class_id)

@@ -1,4 +1,7 @@
-//! The trainer: data (NEU-DET/VOC, synthetic), fine-tuning the edge detector, evaluation.
+//! The trainer: data (NEU-DET/VOC, synthetic), fine-tuning the edge detector, evaluation and
+//! its reports.
 
 pub mod data;
 pub mod eval;
+pub mod finetune;
+pub mod report;

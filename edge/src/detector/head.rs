@@ -112,7 +112,7 @@ pub struct DetectionHead {
 pub struct HeadOutput {
     /// `[batch, locations, classes]` logits.
     pub cls_logits: Tensor<3>,
-    /// `[batch, locations, 4]` distances (left, top, right, bottom) in input pixels, >= 0.
+    /// `[batch, locations, 4]` distances (left, top, right, bottom) in input pixels, > 0.
     pub box_ltrb: Tensor<3>,
     /// Feature map size of each level, finest first.
     pub level_sizes: Vec<[usize; 2]>,
@@ -166,8 +166,11 @@ impl DetectionHead {
             let cls = self.cls_out.forward(c); // [B, K, H, W]
             let k = cls.dims()[1];
             let reg = self.reg_out.forward(r); // [B, 4, H, W]
+            // Distances are exp(s * x) strides: positive from the first step, so every
+            // predicted box has an area and GIoU has a gradient (a ReLU here starts half the
+            // boxes at zero size, where IoU-quality targets and GIoU both go flat).
             let scale = self.scales[level].val().reshape([1, 1, 1, 1]);
-            let reg = relu(reg * scale) * (strides[level] as f64);
+            let reg = (reg * scale).clamp(-6.0, 6.0).exp() * (strides[level] as f64);
             cls_levels.push(cls.permute([0, 2, 3, 1]).reshape([b, h * w, k]));
             box_levels.push(reg.permute([0, 2, 3, 1]).reshape([b, h * w, 4]));
         }

@@ -1,0 +1,483 @@
+//! Fine-tuning the detector on labeled VOC data (all of it, or k shots per class): AdamW,
+//! linear warmup then cosine decay, weight decay, gradient clipping, optional class
+//! re-weighting; a run folder with config, metrics, checkpoints; resume; a clean stop on
+//! Ctrl-C that saves where it was.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use edge::detector::loss::{LossConfig, detection_loss};
+use edge::detector::{Detector, DetectorConfig, NEU_CLASSES, SwinConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::AugmentConfig;
+use crate::data::loader::{epoch_order, stream_epoch};
+use crate::data::{self, Sample, voc};
+use crate::eval::{self, EvalReport};
+
+/// Everything a fine-tuning run was started with; written to `RUN/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub data: PathBuf,
+    /// A detector model file to continue from, or a timm-format Swin backbone (SimCLR output).
+    pub init: Option<PathBuf>,
+    /// Images per class (None: all training images).
+    pub shots: Option<usize>,
+    /// Seed of the k-shot draw, the shuffles and the augmentations.
+    pub seed: u64,
+    /// Seed and fraction of the fixed train/validation split.
+    pub split_seed: u64,
+    pub val_fraction: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    /// Weigh each class's loss by (mean count / class count)^0.5.
+    pub class_balance: bool,
+    /// Evaluate on the validation split every this many epochs (and at the end).
+    pub eval_every: usize,
+    pub input_size: usize,
+    pub augment: AugmentConfig,
+    /// Stop after this many optimizer steps (smoke tests); None: run all epochs.
+    pub max_steps: Option<usize>,
+    pub backbone: SwinConfig,
+}
+
+impl FinetuneConfig {
+    pub fn new(data: PathBuf) -> Self {
+        Self {
+            data,
+            init: None,
+            shots: None,
+            seed: 0,
+            split_seed: 42,
+            val_fraction: 0.2,
+            epochs: 60,
+            batch_size: 8,
+            lr: 5e-4,
+            min_lr: 1e-5,
+            warmup_epochs: 2.0,
+            weight_decay: 0.05,
+            grad_clip: 5.0,
+            class_balance: false,
+            eval_every: 5,
+            input_size: 224,
+            augment: AugmentConfig::default(),
+            max_steps: None,
+            backbone: SwinConfig::edge(),
+        }
+    }
+}
+
+/// Where a run is, for resume.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    /// Next epoch to run and the batch within it.
+    pub epoch: usize,
+    pub batch: usize,
+    pub step: usize,
+    pub best_map50: Option<f64>,
+    pub finished: bool,
+}
+
+/// Learning rate at `step`: linear warmup from 0, then cosine to `min_lr`.
+pub fn learning_rate(
+    config: &FinetuneConfig,
+    step: usize,
+    total_steps: usize,
+    warmup_steps: usize,
+) -> f64 {
+    if step < warmup_steps {
+        return config.lr * (step + 1) as f64 / warmup_steps as f64;
+    }
+    let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
+    let t = ((step - warmup_steps) as f64 / span).min(1.0);
+    config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Loads the dataset and returns (train, validation) as configured (k-shot drawn from train).
+pub fn load_splits(
+    config: &FinetuneConfig,
+    classes: &[String],
+) -> Result<(Vec<Sample>, Vec<Sample>, Vec<String>)> {
+    let dataset = voc::load(&config.data, classes)
+        .with_context(|| format!("loading dataset {}", config.data.display()))?;
+    let warnings = dataset.warnings.clone();
+    let (train, val) = data::split(&dataset, config.val_fraction, config.split_seed);
+    let train = match config.shots {
+        Some(k) => data::k_shot(&train, classes.len(), k, config.seed),
+        None => train,
+    };
+    if train.is_empty() {
+        bail!(
+            "{}: no training images after the split",
+            config.data.display()
+        );
+    }
+    Ok((train, val, warnings))
+}
+
+fn class_weights(train: &[Sample], classes: usize) -> Vec<f32> {
+    let mut counts = vec![0usize; classes];
+    for o in train.iter().flat_map(|s| &s.objects) {
+        counts[o.class_id] += 1;
+    }
+    let mean = counts.iter().sum::<usize>() as f32 / classes as f32;
+    counts
+        .iter()
+        .map(|&c| (mean / c.max(1) as f32).sqrt())
+        .collect()
+}
+
+/// Runs detection on samples and scores it against their labels.
+pub fn evaluate_samples(
+    detector: &Detector,
+    samples: &[Sample],
+    batch_size: usize,
+) -> Result<EvalReport> {
+    let mut gts = Vec::new();
+    let mut predictions = Vec::new();
+    let preprocess = &detector.config.preprocess;
+    let indices: Vec<usize> = (0..samples.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let seeds = vec![0; chunk.len()];
+        let batch = data::loader::make_batch(samples, chunk, preprocess, None, &seeds)?;
+        let [h, w] = preprocess.input_size;
+        let input = Tensor::<4>::from_data(
+            TensorData::new(batch.pixels, [batch.count, 3, h, w]),
+            &detector.device,
+        );
+        let output = detector.model.forward(input);
+        let detections = detector.postprocess(output, &batch.inverses);
+        for (&i, dets) in chunk.iter().zip(detections) {
+            predictions.extend(dets.iter().map(|d| eval::Prediction {
+                image: i,
+                class_id: d.class_id,
+                bbox: [d.x1 as f64, d.y1 as f64, d.x2 as f64, d.y2 as f64],
+                score: d.score as f64,
+            }));
+            gts.extend(samples[i].objects.iter().map(|o| eval::GroundTruth {
+                image: i,
+                class_id: o.class_id,
+                bbox: o.bbox.map(|v| v as f64),
+                difficult: o.difficult,
+            }));
+        }
+    }
+    Ok(eval::evaluate(
+        &gts,
+        &predictions,
+        &detector.config.classes,
+        samples.len(),
+    ))
+}
+
+fn detector_config(config: &FinetuneConfig, classes: Vec<String>) -> DetectorConfig {
+    let mut c = DetectorConfig::edge_neu();
+    c.backbone = config.backbone.clone();
+    c.classes = classes;
+    c.preprocess.input_size = [config.input_size, config.input_size];
+    c
+}
+
+/// Builds the initial detector on `device` (an autodiff device for training).
+fn initial_detector(
+    config: &FinetuneConfig,
+    classes: Vec<String>,
+    device: &Device,
+) -> Result<Detector> {
+    let Some(init) = &config.init else {
+        return Ok(Detector::new(detector_config(config, classes), device)?);
+    };
+    match Detector::load(init, device) {
+        Ok(detector) => {
+            if detector.config.classes != classes {
+                bail!(
+                    "{}: its classes {:?} differ from the dataset's {:?}",
+                    init.display(),
+                    detector.config.classes,
+                    classes
+                );
+            }
+            Ok(detector)
+        }
+        Err(edge::detector::DetectorError::BadWeights { reason, .. })
+            if reason.contains("detector_config") =>
+        {
+            // Not a detector file: a backbone checkpoint in timm's names (SimCLR writes these).
+            let mut detector = Detector::new(detector_config(config, classes), device)?;
+            detector.model.backbone.load_timm(init)?;
+            Ok(detector)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What a finished (or stopped) run returns.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub state: RunState,
+    pub last_report: Option<EvalReport>,
+    pub stopped: bool,
+    pub seconds: f64,
+    pub train_images_per_second: f64,
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Trains in `run_dir` (created, or resumed when it holds a checkpoint and `resume` is set).
+pub fn run(
+    config: &FinetuneConfig,
+    run_dir: &Path,
+    device: &Device,
+    resume: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<RunOutcome> {
+    let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+    let checkpoint_dir = run_dir.join("checkpoint");
+    let state_path = checkpoint_dir.join("state.json");
+    let resuming = state_path.exists();
+    if resuming && !resume {
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&checkpoint_dir)
+        .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
+    let (config, mut state) = if resuming {
+        let saved: FinetuneConfig =
+            serde_json::from_slice(&std::fs::read(run_dir.join("config.json"))?)
+                .context("reading the run's config.json")?;
+        let state: RunState = serde_json::from_slice(&std::fs::read(&state_path)?)
+            .context("reading checkpoint/state.json")?;
+        (saved, state)
+    } else {
+        write_json(&run_dir.join("config.json"), config)?;
+        (config.clone(), RunState::default())
+    };
+    let (train, val, warnings) = load_splits(&config, &classes)?;
+    for w in warnings.iter().take(20) {
+        tracing::warn!("{w}");
+    }
+    let train = Arc::new(train);
+    let train_device = device.clone().autodiff();
+    let mut detector = if resuming {
+        Detector::load(checkpoint_dir.join("model.safetensors"), &train_device)?
+    } else {
+        initial_detector(&config, classes.clone(), &train_device)?
+    };
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip)))
+        .init();
+    if resuming && checkpoint_dir.join("optim.bpk").exists() {
+        optim = optim
+            .load(checkpoint_dir.join("optim.bpk"))
+            .context("loading optimizer state")?;
+    }
+    let mut loss_config = LossConfig::new();
+    if config.class_balance {
+        loss_config.class_weights = class_weights(&train, classes.len());
+    }
+    let strides = detector.config.strides();
+    let batches_per_epoch = (train.len() / config.batch_size).max(1);
+    let drop_last = train.len() >= config.batch_size;
+    let total_steps = config
+        .max_steps
+        .unwrap_or(batches_per_epoch * config.epochs)
+        .min(batches_per_epoch * config.epochs);
+    let warmup_steps =
+        ((config.warmup_epochs * batches_per_epoch as f64) as usize).clamp(1, total_steps.max(1));
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))?;
+    let [h, w] = detector.config.preprocess.input_size;
+    let started = Instant::now();
+    let mut trained_images = 0usize;
+    let mut train_seconds = 0.0f64;
+    let mut last_report = None;
+    let mut stopped = false;
+    tracing::info!(
+        "training on {} images ({} validation), {} batches/epoch, {} epochs, run {}",
+        train.len(),
+        val.len(),
+        batches_per_epoch,
+        config.epochs,
+        run_dir.display()
+    );
+    'epochs: while state.epoch < config.epochs && state.step < total_steps {
+        let order = epoch_order(train.len(), config.seed, state.epoch);
+        let stream = stream_epoch(
+            train.clone(),
+            order,
+            detector.config.preprocess.clone(),
+            Some(config.augment.clone()),
+            config.batch_size,
+            drop_last,
+            config.seed ^ state.epoch as u64,
+            state.batch,
+            3,
+        );
+        let bar = ProgressBar::new(stream.batches as u64).with_position(state.batch as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", state.epoch + 1, config.epochs));
+        let mut loss_sum = 0.0f64;
+        let mut loss_count = 0usize;
+        for batch in stream.receiver.iter() {
+            let batch = batch?;
+            let step_started = Instant::now();
+            let input = Tensor::<4>::from_data(
+                TensorData::new(batch.pixels, [batch.count, 3, h, w]),
+                &train_device,
+            );
+            let output = detector.model.forward(input);
+            let loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
+            let values: Vec<f32> = Tensor::cat(
+                vec![loss.total.clone(), loss.cls.clone(), loss.boxes.clone()],
+                0,
+            )
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap_or_default();
+            let grads = GradientsParams::from_grads(loss.total.backward(), &detector.model);
+            let lr = learning_rate(&config, state.step, total_steps, warmup_steps);
+            detector.model = optim.step(lr, detector.model, grads);
+            let seconds = step_started.elapsed().as_secs_f64();
+            train_seconds += seconds;
+            trained_images += batch.count;
+            state.step += 1;
+            state.batch += 1;
+            let total = values.first().copied().unwrap_or(f32::NAN);
+            if !total.is_finite() {
+                bail!(
+                    "loss became {total} at step {} (lr {lr:.2e}): lower --lr",
+                    state.step
+                );
+            }
+            loss_sum += total as f64;
+            loss_count += 1;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": state.step, "epoch": state.epoch, "loss": total, "cls": values.get(1), "box": values.get(2),
+                    "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds})
+            )?;
+            bar.set_message(format!(
+                "loss {:.3} lr {lr:.1e}",
+                loss_sum / loss_count as f64
+            ));
+            bar.inc(1);
+            if stop.load(Ordering::SeqCst) || state.step >= total_steps {
+                stopped = stop.load(Ordering::SeqCst);
+                break;
+            }
+        }
+        bar.finish();
+        let epoch_done = state.batch >= stream.batches;
+        if epoch_done {
+            state.epoch += 1;
+            state.batch = 0;
+        }
+        let last = state.epoch >= config.epochs || state.step >= total_steps;
+        if epoch_done && (state.epoch % config.eval_every.max(1) == 0 || last) && !stopped {
+            let eval_detector = Detector {
+                config: detector.config.clone(),
+                model: detector.model.valid(),
+                device: device.clone(),
+            };
+            let mut eval_detector = eval_detector;
+            eval_detector.config.score_threshold = 0.01;
+            let report = evaluate_samples(&eval_detector, &val, config.batch_size)?;
+            tracing::info!(
+                "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}",
+                state.epoch,
+                report.map50,
+                report.map50_95
+            );
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"epoch": state.epoch, "step": state.step, "val_map50": report.map50, "val_map50_95": report.map50_95})
+            )?;
+            if state.best_map50.is_none_or(|b| report.map50 > b) {
+                state.best_map50 = Some(report.map50);
+                eval_detector.config.score_threshold = detector.config.score_threshold;
+                eval_detector.save(run_dir.join("best.safetensors"))?;
+            }
+            last_report = Some(report);
+        }
+        state.finished = last && !stopped;
+        save_checkpoint(&detector, &optim, &state, &checkpoint_dir)?;
+        if stopped {
+            tracing::info!(
+                "stopped at epoch {} batch {}: resume with --resume",
+                state.epoch,
+                state.batch
+            );
+            break 'epochs;
+        }
+    }
+    let model_out = run_dir.join("model.safetensors");
+    Detector {
+        config: detector.config.clone(),
+        model: detector.model.valid(),
+        device: device.clone(),
+    }
+    .save(&model_out)?;
+    Ok(RunOutcome {
+        state,
+        last_report,
+        stopped,
+        seconds: started.elapsed().as_secs_f64(),
+        train_images_per_second: trained_images as f64 / train_seconds.max(1e-9),
+    })
+}
+
+fn save_checkpoint(
+    detector: &Detector,
+    optim: &burn::optim::ModuleOptimizer,
+    state: &RunState,
+    dir: &Path,
+) -> Result<()> {
+    // Model and optimizer first, state last: a crash between them resumes from the older state.
+    let model = Detector {
+        config: detector.config.clone(),
+        model: detector.model.valid(),
+        device: detector.device.clone(),
+    };
+    let tmp = dir.join("model.tmp");
+    model.save(&tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    let optim_tmp = dir.join("optim.tmp.bpk");
+    let _ = std::fs::remove_file(&optim_tmp);
+    optim
+        .save(&optim_tmp)
+        .map_err(|e| anyhow::anyhow!("saving optimizer state: {e:?}"))?;
+    std::fs::rename(&optim_tmp, dir.join("optim.bpk"))?;
+    write_json(&dir.join("state.json"), state)
+}

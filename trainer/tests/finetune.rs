@@ -1,0 +1,110 @@
+//! Fine-tuning on generated data, as a user runs it: the loss falls on a small set the model
+//! can fit, a stopped run resumes where it stopped, and the run folder holds what it promises.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use burn::prelude::*;
+use edge::detector::{NEU_CLASSES, SwinConfig};
+use trainer::data::augment::AugmentConfig;
+use trainer::finetune::{FinetuneConfig, run};
+
+fn small_config(data: &std::path::Path) -> FinetuneConfig {
+    let mut config = FinetuneConfig::new(data.to_path_buf());
+    config.backbone = SwinConfig::new()
+        .with_embed_dim(16)
+        .with_depths(vec![1, 1, 1, 1])
+        .with_num_heads(vec![1, 2, 2, 4]);
+    config.input_size = 96;
+    config.batch_size = 4;
+    config.epochs = 25;
+    config.lr = 2e-3;
+    config.warmup_epochs = 0.5;
+    config.eval_every = 100;
+    config.augment = AugmentConfig::none();
+    config
+}
+
+fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v["loss"].as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn loss_falls_and_a_stopped_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 1).unwrap();
+    let config = small_config(&data);
+    let run_dir = dir.path().join("run");
+    let device = Device::flex();
+
+    // Ctrl-C before the first step: one step runs, then a checkpoint is written.
+    let outcome = run(
+        &config,
+        &run_dir,
+        &device,
+        false,
+        Arc::new(AtomicBool::new(true)),
+    )
+    .unwrap();
+    assert!(outcome.stopped);
+    assert_eq!(outcome.state.step, 1);
+    assert!(
+        run_dir.join("checkpoint/state.json").exists()
+            && run_dir.join("checkpoint/optim.bpk").exists()
+    );
+    // A second start without --resume refuses to overwrite the run.
+    let err = run(
+        &config,
+        &run_dir,
+        &device,
+        false,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--resume"), "{err}");
+
+    let outcome = run(
+        &config,
+        &run_dir,
+        &device,
+        true,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
+    assert!(!outcome.stopped && outcome.state.finished);
+    let steps: Vec<u64> = losses(&run_dir).iter().map(|p| p.0).collect();
+    let expected: Vec<u64> = (1..=outcome.state.step as u64).collect();
+    assert_eq!(
+        steps, expected,
+        "every step logged once across the stop and the resume"
+    );
+    assert_eq!(
+        outcome.state.step,
+        25 * 4,
+        "18 training images at batch 4: 4 steps an epoch"
+    );
+
+    let l = losses(&run_dir);
+    let first: f64 = l[..4].iter().map(|p| p.1).sum::<f64>() / 4.0;
+    let last: f64 = l[l.len() - 4..].iter().map(|p| p.1).sum::<f64>() / 4.0;
+    assert!(
+        last < 0.75 * first,
+        "loss should fall when fitting 18 images: first {first:.3}, last {last:.3}"
+    );
+
+    let report = outcome.last_report.expect("evaluated at the end");
+    assert_eq!(report.images, 6, "one validation image per class");
+    assert!(
+        run_dir.join("model.safetensors").exists() && run_dir.join("best.safetensors").exists()
+    );
+}
