@@ -279,6 +279,8 @@ pub fn run(
     }
     let train = Arc::new(train);
     let train_device = device.clone().autodiff();
+    // Initial weights (and burn's other random draws) follow the run's seed.
+    train_device.seed(config.seed);
     let mut detector = if resuming {
         Detector::load(checkpoint_dir.join("model.safetensors"), &train_device)?
     } else {

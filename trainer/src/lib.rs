@@ -5,3 +5,4 @@ pub mod data;
 pub mod eval;
 pub mod finetune;
 pub mod report;
+pub mod simclr;

