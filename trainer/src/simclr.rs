@@ -341,8 +341,9 @@ pub fn run(
         .open(run_dir.join("metrics.jsonl"))?;
     let (mut images, mut seconds) = (0usize, 0f64);
     let mut stopped = false;
-    if state.epoch == 0 && state.knn.is_empty() {
-        if let Some(acc) = representation_check(
+    let untrained = state.epoch == 0 && state.knn.is_empty();
+    if untrained
+        && let Some(acc) = representation_check(
             &model.backbone.valid(),
             &train,
             &val,
@@ -350,10 +351,10 @@ pub fn run(
             &preprocess,
             device,
             config.knn_k,
-        )? {
-            tracing::info!("before pretraining: kNN accuracy {acc:.4} (random backbone)");
-            state.knn.push((0, acc));
-        }
+        )?
+    {
+        tracing::info!("before pretraining: kNN accuracy {acc:.4} (random backbone)");
+        state.knn.push((0, acc));
     }
     while state.epoch < config.epochs && state.step < total_steps {
         let order = epoch_order(train.len(), config.seed, state.epoch);
