@@ -132,6 +132,15 @@ enum Command {
         /// Train without augmentation.
         #[arg(long)]
         no_augment: bool,
+        /// Probability of a mosaic (four images in a 2x2 layout) per training image.
+        #[arg(long, default_value_t = 0.0)]
+        mosaic: f64,
+        /// Probability of mixing another image in (mixup, boxes of both kept).
+        #[arg(long, default_value_t = 0.0)]
+        mixup: f64,
+        /// Probability of pasting defects cut from another image (copy-paste).
+        #[arg(long, default_value_t = 0.0)]
+        copy_paste: f64,
         /// Stop after this many optimizer steps (quick checks).
         #[arg(long)]
         max_steps: Option<usize>,
@@ -246,6 +255,9 @@ fn main() -> Result<()> {
             eval_every,
             input_size,
             no_augment,
+            mosaic,
+            mixup,
+            copy_paste,
             max_steps,
             resume,
         } => {
@@ -269,6 +281,9 @@ fn main() -> Result<()> {
             if no_augment {
                 config.augment = AugmentConfig::none();
             }
+            config.augment.mosaic = mosaic;
+            config.augment.mixup = mixup;
+            config.augment.copy_paste = copy_paste;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             ctrlc::set_handler(move || {

@@ -89,6 +89,7 @@ impl PretrainConfig {
             noise_std: 8.0,
             blur: 0.5,
             blur_sigma: 1.5,
+            ..AugmentConfig::none()
         }
     }
 }

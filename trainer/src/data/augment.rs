@@ -32,6 +32,11 @@ pub struct AugmentConfig {
     /// Probability and max sigma of a Gaussian blur.
     pub blur: f64,
     pub blur_sigma: f32,
+    /// Probabilities of the few-data mixers (`data::mixers`): mosaic of four images, mixup of
+    /// two, copy-paste of defects from another image.
+    pub mosaic: f64,
+    pub mixup: f64,
+    pub copy_paste: f64,
 }
 
 impl Default for AugmentConfig {
@@ -50,6 +55,9 @@ impl Default for AugmentConfig {
             noise_std: 6.0,
             blur: 0.1,
             blur_sigma: 1.0,
+            mosaic: 0.0,
+            mixup: 0.0,
+            copy_paste: 0.0,
         }
     }
 }
@@ -66,6 +74,9 @@ impl AugmentConfig {
             gamma: 0.0,
             noise: 0.0,
             blur: 0.0,
+            mosaic: 0.0,
+            mixup: 0.0,
+            copy_paste: 0.0,
             ..Self::default()
         }
     }

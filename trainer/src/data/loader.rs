@@ -8,12 +8,13 @@ use std::sync::mpsc::{Receiver, sync_channel};
 use edge::detector::loss::GtBox;
 use edge::detector::{ImageView, InverseTransform, Preprocess};
 use image::DynamicImage;
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
 use super::augment::{AugmentConfig, augment};
+use super::mixers;
 use super::voc::{DataError, Object, Sample};
 
 /// A preprocessed batch on the host.
@@ -42,22 +43,51 @@ pub fn decode(sample: &Sample, grey: bool) -> Result<DynamicImage, DataError> {
     })
 }
 
-/// One sample, augmented (when `augmentation` is given) and preprocessed.
+/// One sample, augmented (when `augmentation` is given), mixed with others of `samples`
+/// when the mixers are on, and preprocessed.
 pub fn prepare(
-    sample: &Sample,
+    samples: &[Sample],
+    index: usize,
     preprocess: &Preprocess,
     augmentation: Option<&AugmentConfig>,
     rng: &mut StdRng,
 ) -> Result<(Vec<f32>, Vec<GtBox>, InverseTransform), DataError> {
-    let image = decode(sample, preprocess.grey)?;
+    let sample = &samples[index];
     let (image, objects) = match augmentation {
-        Some(config) => augment(image, sample.objects.clone(), config, rng),
-        None => (image, sample.objects.clone()),
+        Some(config) => {
+            let load =
+                |i: usize, rng: &mut StdRng| -> Result<(DynamicImage, Vec<Object>), DataError> {
+                    Ok(augment(
+                        decode(&samples[i], preprocess.grey)?,
+                        samples[i].objects.clone(),
+                        config,
+                        rng,
+                    ))
+                };
+            let mut labeled = load(index, rng)?;
+            let other = |rng: &mut StdRng| rng.random_range(0..samples.len());
+            if rng.random_bool(config.mosaic.clamp(0.0, 1.0)) {
+                let (a, b, c) = (other(rng), other(rng), other(rng));
+                labeled =
+                    mixers::mosaic([labeled, load(a, rng)?, load(b, rng)?, load(c, rng)?], rng);
+            }
+            if rng.random_bool(config.mixup.clamp(0.0, 1.0)) {
+                let j = other(rng);
+                labeled = mixers::mixup(labeled, load(j, rng)?, rng);
+            }
+            if rng.random_bool(config.copy_paste.clamp(0.0, 1.0)) {
+                let j = other(rng);
+                let donor = load(j, rng)?;
+                labeled = mixers::copy_paste(labeled, &donor, rng);
+            }
+            labeled
+        }
+        None => (decode(sample, preprocess.grey)?, sample.objects.clone()),
     };
     let (pixels, channels) = match &image {
         DynamicImage::ImageLuma8(b) => (b.as_raw().as_slice(), 1),
         DynamicImage::ImageRgb8(b) => (b.as_raw().as_slice(), 3),
-        _ => unreachable!("decode gives Luma8 or Rgb8 and augment keeps the kind"),
+        _ => unreachable!("decode gives Luma8 or Rgb8 and augmentations keep the kind"),
     };
     let view = ImageView {
         width: image.width() as usize,
@@ -101,7 +131,8 @@ pub fn make_batch(
         .zip(seeds.par_iter())
         .map(|(&i, &seed)| {
             prepare(
-                &samples[i],
+                samples,
+                i,
                 preprocess,
                 augmentation,
                 &mut StdRng::seed_from_u64(seed),

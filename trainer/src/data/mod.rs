@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod loader;
+pub mod mixers;
 pub mod synth;
 pub mod voc;
 
