@@ -57,6 +57,7 @@ fn main() {
             let input = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Default, &device);
             let runs = if batch == 8 { runs.div_ceil(2) } else { runs };
             for (label, attention) in [
+                ("kernel", AttentionImpl::Kernel),
                 ("fused", AttentionImpl::Fused),
                 ("explicit", AttentionImpl::Explicit),
             ] {
@@ -83,7 +84,7 @@ fn main() {
                 runs,
             );
             println!(
-                "{{\"impl\":\"burn-{device_name}\",\"part\":\"detector\",\"attention\":\"fused\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2},\"classes\":{}}}",
+                "{{\"impl\":\"burn-{device_name}\",\"part\":\"detector\",\"attention\":\"kernel\",\"model\":\"{name}\",\"batch\":{batch},\"median_ms\":{median:.2},\"best_ms\":{best:.2},\"classes\":{}}}",
                 NEU_CLASSES.len()
             );
         }

@@ -105,6 +105,11 @@ fn assert_within(diffs: &[(String, f32)], tolerance: f32) {
 }
 
 #[test]
+fn small_swin_matches_timm_with_our_attention_kernel() {
+    assert_within(&parity(&fixture("swin_small"), AttentionImpl::Kernel), 1e-4);
+}
+
+#[test]
 fn small_swin_matches_timm_fused_attention() {
     assert_within(&parity(&fixture("swin_small"), AttentionImpl::Fused), 1e-4);
 }
@@ -125,5 +130,7 @@ fn small_swin_matches_timm_explicit_attention() {
 fn tiny_swin_matches_timm() {
     let dir =
         std::env::var("SWIN_TINY_FIXTURE").expect("set SWIN_TINY_FIXTURE to the fixture folder");
-    assert_within(&parity(Path::new(&dir), AttentionImpl::Fused), 1e-4);
+    for attention in [AttentionImpl::Kernel, AttentionImpl::Fused] {
+        assert_within(&parity(Path::new(&dir), attention), 1e-4);
+    }
 }

@@ -1,5 +1,11 @@
 //! Hand-written CPU kernels for the inference path where burn's CPU backend leaves time on the
-//! table. Each has a portable implementation (any device, autodiff included) that it must match.
+//! table. Each applies only on the Flex backend without autodiff, falls back to burn's ops
+//! everywhere else (GPUs, training), and is tested against them.
+//!
+//! Window attention: burn's path splits q, k, v into heads (three permute copies), runs the
+//! attention op, and merges the heads back (another copy). `window_attention` reads q, k, v
+//! straight out of the qkv projection and writes the merged heads, one window per task, with
+//! scores, softmax (vectorised exp) and the weighted sum in L1-sized scratch.
 //!
 //! GELU: burn's Flex backend evaluates `erf` with a scalar libm call per element, which made
 //! GELU 30% of the edge backbone's time (`cargo bench -p edge --bench swin_ops`). Here `erf`
@@ -61,6 +67,169 @@ fn gelu_portable(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Windowed multi-head attention straight from the qkv projection.
+///
+/// `qkv`: `[windows, n, 3 * dim]` (q, k, v, each `heads x head_dim`, as timm's `qkv` Linear
+/// lays them out); `bias`: `[bias_windows, heads, n, n]` added to the scores, window `w` using
+/// `bias[w % bias_windows]` (relative-position bias, plus the shift mask when there is one).
+/// Returns `[windows, n, dim]` with the heads merged, or `None` where the kernel does not apply
+/// (autodiff, a device other than Flex, a dtype other than f32).
+pub fn window_attention(
+    qkv: &Tensor<3>,
+    bias: &Tensor<4>,
+    heads: usize,
+    scale: f32,
+) -> Option<Tensor<3>> {
+    let device = qkv.device();
+    if device.is_autodiff()
+        || device != Device::flex()
+        || qkv.dtype() != DType::F32
+        || bias.dtype() != DType::F32
+    {
+        return None;
+    }
+    let [windows, n, three_dim] = qkv.dims();
+    let [bias_windows, bias_heads, bn, bm] = bias.dims();
+    let dim = three_dim / 3;
+    if three_dim % 3 != 0
+        || heads == 0
+        || dim % heads != 0
+        || bias_heads != heads
+        || bn != n
+        || bm != n
+        || bias_windows == 0
+    {
+        return None;
+    }
+    let qkv_data = qkv.clone().into_data();
+    let bias_data = bias.clone().into_data();
+    let (Ok(qkv_values), Ok(bias_values)) =
+        (qkv_data.as_slice::<f32>(), bias_data.as_slice::<f32>())
+    else {
+        return None;
+    };
+    let mut out = vec![0f32; windows * n * dim];
+    let shape = AttentionShape {
+        n,
+        dim,
+        heads,
+        head_dim: dim / heads,
+        bias_windows,
+        scale,
+    };
+    out.par_chunks_mut(n * dim)
+        .enumerate()
+        .for_each(|(w, out_window)| {
+            let qkv_window = &qkv_values[w * n * three_dim..(w + 1) * n * three_dim];
+            let bias_window = &bias_values
+                [(w % bias_windows) * heads * n * n..(w % bias_windows + 1) * heads * n * n];
+            attend_window(&shape, qkv_window, bias_window, out_window);
+        });
+    Some(Tensor::from_data(
+        TensorData::new(out, [windows, n, dim]),
+        &device,
+    ))
+}
+
+struct AttentionShape {
+    n: usize,
+    dim: usize,
+    heads: usize,
+    head_dim: usize,
+    bias_windows: usize,
+    scale: f32,
+}
+
+fn attend_window(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+    debug_assert!(shape.bias_windows > 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { attend_window_avx2(shape, qkv, bias, out) };
+            return;
+        }
+    }
+    attend_window_portable(shape, qkv, bias, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_window_avx2(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+    attend_window_portable(shape, qkv, bias, out)
+}
+
+#[inline(always)]
+fn attend_window_portable(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+    let AttentionShape {
+        n,
+        dim,
+        heads,
+        head_dim,
+        scale,
+        ..
+    } = *shape;
+    let stride = 3 * dim;
+    let mut kt = vec![0f32; head_dim * n];
+    let mut scores = vec![0f32; n];
+    let mut acc = vec![0f32; head_dim];
+    for h in 0..heads {
+        let (q_off, k_off, v_off) = (h * head_dim, dim + h * head_dim, 2 * dim + h * head_dim);
+        // K transposed, so each score row is a run of contiguous multiply-adds.
+        for j in 0..n {
+            for c in 0..head_dim {
+                kt[c * n + j] = qkv[j * stride + k_off + c];
+            }
+        }
+        let bias_head = &bias[h * n * n..(h + 1) * n * n];
+        for i in 0..n {
+            scores.copy_from_slice(&bias_head[i * n..(i + 1) * n]);
+            let q_row = &qkv[i * stride + q_off..i * stride + q_off + head_dim];
+            for (c, &qc) in q_row.iter().enumerate() {
+                let a = qc * scale;
+                for (s, &k) in scores.iter_mut().zip(&kt[c * n..(c + 1) * n]) {
+                    *s += a * k;
+                }
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = exp(*s - max);
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            acc.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let p = p * inv;
+                let v_row = &qkv[j * stride + v_off..j * stride + v_off + head_dim];
+                for (a, &v) in acc.iter_mut().zip(v_row) {
+                    *a += p * v;
+                }
+            }
+            out[i * dim + h * head_dim..i * dim + (h + 1) * head_dim].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// exp(x) for x <= 0 as softmax needs it (Cephes' single-precision polynomial, ~1 ulp),
+/// branch-free so that it vectorises; inputs below -87 give ~1e-38 instead of less.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let r2 = r * r;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r2 + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
 /// Rational approximation of erf on [-4, 4] (erf is +-1 in f32 beyond), branch-free.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
@@ -106,6 +275,62 @@ mod tests {
                 .into_scalar::<f32>();
             assert!(diff < 2e-6, "max scaled |fast - reference| = {diff}");
         }
+    }
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        for i in 0..20000 {
+            let x = -87.0 + i as f32 * (87.0 + 10.0) / 20000.0;
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 4e-7, "max relative error {worst}");
+    }
+
+    #[test]
+    fn window_attention_matches_burn_attention() {
+        use burn::tensor::module::attention;
+        use burn::tensor::ops::AttentionModuleOptions;
+        let device = Device::flex();
+        let (windows, n, heads, head_dim, bias_windows) = (6, 49, 3, 8, 3);
+        let dim = heads * head_dim;
+        let qkv = Tensor::<3>::random(
+            [windows, n, 3 * dim],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let mut bias = Tensor::<4>::random(
+            [bias_windows, heads, n, n],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        // A shift-mask-like -100 on some pairs.
+        bias = bias.clone() + bias.greater_elem(1.5).float() * -100.0;
+        let scale = (head_dim as f32).powf(-0.5);
+        let ours = window_attention(&qkv, &bias, heads, scale).expect("applies on Flex");
+        let split = qkv
+            .reshape([windows, n, 3, heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| {
+            split
+                .clone()
+                .narrow(0, i, 1)
+                .reshape([windows, heads, n, head_dim])
+        };
+        let bias_full = bias
+            .unsqueeze_dim::<5>(0)
+            .expand([windows / bias_windows, bias_windows, heads, n, n])
+            .reshape([windows, heads, n, n]);
+        let options = AttentionModuleOptions {
+            scale: Some(scale as f64),
+            softcap: None,
+            is_causal: false,
+        };
+        let reference = attention(part(0), part(1), part(2), None, Some(bias_full), options);
+        let reference = reference.swap_dims(1, 2).reshape([windows, n, dim]);
+        let diff = (ours - reference).abs().max().into_scalar::<f32>();
+        assert!(diff < 2e-5, "max |ours - burn| = {diff}");
     }
 
     #[test]

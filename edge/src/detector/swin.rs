@@ -44,12 +44,15 @@ pub struct SwinConfig {
     pub mlp_hidden: Vec<Vec<usize>>,
 }
 
-/// How the attention of one window is computed. `Fused` calls burn's `attention` op (one
-/// kernel on backends that have one); `Explicit` spells out matmul + softmax, as timm's
-/// non-fused path does. Both compute the same function; the benchmark compares them.
+/// How the attention of one window is computed; all compute the same function.
+/// `Kernel` (default) uses our fused window-attention kernel (`kernels::window_attention`) on
+/// the Flex CPU backend at inference and `Fused` elsewhere; `Fused` calls burn's `attention`
+/// op (one kernel on backends that have one); `Explicit` spells out matmul + softmax, as
+/// timm's non-fused path does. The benchmark compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum AttentionImpl {
     #[default]
+    Kernel,
     Fused,
     Explicit,
 }
@@ -359,7 +362,7 @@ impl SwinBlock {
                     TensorCreationOptions::from(device),
                 ),
                 num_heads: heads,
-                implementation: AttentionImpl::Fused,
+                implementation: AttentionImpl::Kernel,
             },
             norm2: LayerNormConfig::new(dim).init(device),
             mlp: Mlp {
@@ -545,6 +548,20 @@ impl WindowAttention {
         let head_dim = c / heads;
         let nw = bw / batch;
         let qkv = self.qkv.forward(windows); // [B*nW, N, 3C]
+        let table = self.relative_position_bias_table.val(); // [(2wh-1)(2ww-1), heads]
+        let bias = table.select(0, self.relative_position_index.clone()); // [N*N, heads]
+        let bias = bias.reshape([n, n, heads]).permute([2, 0, 1]); // [heads, N, N]
+        let bias = match mask {
+            Some(mask) => bias.unsqueeze_dim::<4>(0) + mask.unsqueeze_dim::<4>(1), // [nW, heads, N, N]
+            None => bias.unsqueeze_dim::<4>(0), // [1, heads, N, N]
+        };
+        let scale = (head_dim as f64).powf(-0.5);
+        if self.implementation == AttentionImpl::Kernel
+            && let Some(out) = super::kernels::window_attention(&qkv, &bias, heads, scale as f32)
+        {
+            return self.proj.forward(out);
+        }
+
         let qkv = qkv.reshape([bw, n, 3, heads, head_dim]);
         let qkv = qkv.permute([2, 0, 3, 1, 4]); // [3, B*nW, heads, N, hd]
         let q = qkv
@@ -556,23 +573,17 @@ impl WindowAttention {
             .narrow(0, 1, 1)
             .reshape([bw, heads, n, head_dim]);
         let v = qkv.narrow(0, 2, 1).reshape([bw, heads, n, head_dim]);
-
-        let table = self.relative_position_bias_table.val(); // [(2wh-1)(2ww-1), heads]
-        let bias = table.select(0, self.relative_position_index.clone()); // [N*N, heads]
-        let bias = bias.reshape([n, n, heads]).permute([2, 0, 1]); // [heads, N, N]
-        // Fold the shift mask into the bias and the windows into the head axis, so one
-        // broadcast bias of shape [1, nW*heads, N, N] serves every image of the batch.
-        let (bias, q, k, v, group) = match mask {
-            Some(mask) => {
-                let bias = bias.unsqueeze_dim::<4>(0) + mask.unsqueeze_dim::<4>(1); // [nW, heads, N, N]
-                let bias = bias.reshape([1, nw * heads, n, n]);
-                let fold = |t: Tensor<4>| t.reshape([batch, nw * heads, n, head_dim]);
-                (bias, fold(q), fold(k), fold(v), batch)
-            }
-            None => (bias.unsqueeze_dim::<4>(0), q, k, v, bw),
+        // With a shift mask, fold the windows into the head axis, so one broadcast bias of
+        // shape [1, nW*heads, N, N] serves every image of the batch.
+        let masked = bias.dims()[0] > 1;
+        let (bias, q, k, v, group) = if masked {
+            let bias = bias.reshape([1, nw * heads, n, n]);
+            let fold = |t: Tensor<4>| t.reshape([batch, nw * heads, n, head_dim]);
+            (bias, fold(q), fold(k), fold(v), batch)
+        } else {
+            (bias, q, k, v, bw)
         };
-        let scale = (head_dim as f64).powf(-0.5);
-        let out = if self.implementation == AttentionImpl::Fused {
+        let out = if self.implementation != AttentionImpl::Explicit {
             let options = AttentionModuleOptions {
                 scale: Some(scale),
                 softcap: None,
