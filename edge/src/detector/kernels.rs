@@ -72,41 +72,43 @@ fn gelu_portable(src: &[f32], dst: &mut [f32]) {
 /// `qkv`: `[windows, n, 3 * dim]` (q, k, v, each `heads x head_dim`, as timm's `qkv` Linear
 /// lays them out); `bias`: `[bias_windows, heads, n, n]` added to the scores, window `w` using
 /// `bias[w % bias_windows]` (relative-position bias, plus the shift mask when there is one).
-/// Returns `[windows, n, dim]` with the heads merged, or `None` where the kernel does not apply
-/// (autodiff, a device other than Flex, a dtype other than f32).
+/// Returns `[windows, n, dim]` with the heads merged, or gives `qkv` back where the kernel
+/// does not apply (autodiff, a device other than Flex, a dtype other than f32, a head size it
+/// is not compiled for). `qkv` is taken by value: a tensor nothing else holds is read in place.
 pub fn window_attention(
-    qkv: &Tensor<3>,
+    qkv: Tensor<3>,
     bias: &Tensor<4>,
     heads: usize,
     scale: f32,
-) -> Option<Tensor<3>> {
+) -> Result<Tensor<3>, Box<Tensor<3>>> {
     let device = qkv.device();
     if device.is_autodiff()
         || device != Device::flex()
         || qkv.dtype() != DType::F32
         || bias.dtype() != DType::F32
     {
-        return None;
+        return Err(Box::new(qkv));
     }
     let [windows, n, three_dim] = qkv.dims();
     let [bias_windows, bias_heads, bn, bm] = bias.dims();
     let dim = three_dim / 3;
-    if three_dim % 3 != 0
+    if !three_dim.is_multiple_of(3)
         || heads == 0
-        || dim % heads != 0
+        || !dim.is_multiple_of(heads)
+        || !HEAD_DIMS.contains(&(dim / heads))
         || bias_heads != heads
         || bn != n
         || bm != n
         || bias_windows == 0
     {
-        return None;
+        return Err(Box::new(qkv));
     }
-    let qkv_data = qkv.clone().into_data();
+    let qkv_data = qkv.into_data();
     let bias_data = bias.clone().into_data();
     let (Ok(qkv_values), Ok(bias_values)) =
         (qkv_data.as_slice::<f32>(), bias_data.as_slice::<f32>())
     else {
-        return None;
+        return Err(Box::new(Tensor::from_data(qkv_data, &device)));
     };
     let mut out = vec![0f32; windows * n * dim];
     let shape = AttentionShape {
@@ -125,7 +127,7 @@ pub fn window_attention(
                 [(w % bias_windows) * heads * n * n..(w % bias_windows + 1) * heads * n * n];
             attend_window(&shape, qkv_window, bias_window, out_window);
         });
-    Some(Tensor::from_data(
+    Ok(Tensor::from_data(
         TensorData::new(out, [windows, n, dim]),
         &device,
     ))
@@ -140,6 +142,9 @@ struct AttentionShape {
     scale: f32,
 }
 
+/// Head sizes the kernel is compiled for (the edge model uses 24, swin_tiny 32).
+const HEAD_DIMS: [usize; 5] = [16, 24, 32, 48, 64];
+
 fn attend_window(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
     debug_assert!(shape.bias_windows > 0);
     #[cfg(target_arch = "x86_64")]
@@ -151,65 +156,128 @@ fn attend_window(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f
             return;
         }
     }
-    attend_window_portable(shape, qkv, bias, out);
+    attend_window_any(shape, qkv, bias, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_window_avx2(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
-    attend_window_portable(shape, qkv, bias, out)
+    attend_window_any(shape, qkv, bias, out)
 }
 
 #[inline(always)]
-fn attend_window_portable(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+fn attend_window_any(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+    match shape.head_dim {
+        16 => attend_window_hd::<16>(shape, qkv, bias, out),
+        24 => attend_window_hd::<24>(shape, qkv, bias, out),
+        32 => attend_window_hd::<32>(shape, qkv, bias, out),
+        48 => attend_window_hd::<48>(shape, qkv, bias, out),
+        64 => attend_window_hd::<64>(shape, qkv, bias, out),
+        other => unreachable!("head dim {other} is filtered out before the kernel"),
+    }
+}
+
+/// One window, every head. Scores are computed eight keys at a time (K transposed and padded
+/// to a multiple of 8, so the eight sums stay in one register), the weighted sum of values in
+/// a `HD`-float accumulator that also stays in registers.
+#[inline(always)]
+fn attend_window_hd<const HD: usize>(
+    shape: &AttentionShape,
+    qkv: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
     let AttentionShape {
         n,
         dim,
         heads,
-        head_dim,
         scale,
         ..
     } = *shape;
+    let np = n.div_ceil(8) * 8;
     let stride = 3 * dim;
-    let mut kt = vec![0f32; head_dim * n];
-    let mut scores = vec![0f32; n];
-    let mut acc = vec![0f32; head_dim];
+    let mut kt = vec![0f32; HD * np];
+    let mut scores = vec![0f32; np];
     for h in 0..heads {
-        let (q_off, k_off, v_off) = (h * head_dim, dim + h * head_dim, 2 * dim + h * head_dim);
-        // K transposed, so each score row is a run of contiguous multiply-adds.
+        let (q_off, k_off, v_off) = (h * HD, dim + h * HD, 2 * dim + h * HD);
         for j in 0..n {
-            for c in 0..head_dim {
-                kt[c * n + j] = qkv[j * stride + k_off + c];
+            for c in 0..HD {
+                kt[c * np + j] = qkv[j * stride + k_off + c];
             }
         }
         let bias_head = &bias[h * n * n..(h + 1) * n * n];
         for i in 0..n {
-            scores.copy_from_slice(&bias_head[i * n..(i + 1) * n]);
-            let q_row = &qkv[i * stride + q_off..i * stride + q_off + head_dim];
-            for (c, &qc) in q_row.iter().enumerate() {
-                let a = qc * scale;
-                for (s, &k) in scores.iter_mut().zip(&kt[c * n..(c + 1) * n]) {
-                    *s += a * k;
-                }
+            let mut q = [0f32; HD];
+            for (qc, &x) in q
+                .iter_mut()
+                .zip(&qkv[i * stride + q_off..i * stride + q_off + HD])
+            {
+                *qc = x * scale;
             }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
+            for jb in (0..np).step_by(8) {
+                let mut acc = [0f32; 8];
+                for (c, &qc) in q.iter().enumerate() {
+                    let k8 = &kt[c * np + jb..c * np + jb + 8];
+                    for l in 0..8 {
+                        acc[l] += qc * k8[l];
+                    }
+                }
+                scores[jb..jb + 8].copy_from_slice(&acc);
+            }
+            let bias_row = &bias_head[i * n..(i + 1) * n];
+            for (s, &b) in scores[..n].iter_mut().zip(bias_row) {
+                *s += b;
+            }
+            let max = lanes_max(&scores[..n]);
+            for s in scores[..n].iter_mut() {
                 *s = exp(*s - max);
-                sum += *s;
             }
-            let inv = 1.0 / sum;
-            acc.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let p = p * inv;
-                let v_row = &qkv[j * stride + v_off..j * stride + v_off + head_dim];
-                for (a, &v) in acc.iter_mut().zip(v_row) {
-                    *a += p * v;
+            let inv = 1.0 / lanes_sum(&scores[..n]);
+            let mut acc = [0f32; HD];
+            for (j, &p) in scores[..n].iter().enumerate() {
+                let v = &qkv[j * stride + v_off..j * stride + v_off + HD];
+                for c in 0..HD {
+                    acc[c] += p * v[c];
                 }
             }
-            out[i * dim + h * head_dim..i * dim + (h + 1) * head_dim].copy_from_slice(&acc);
+            for (o, a) in out[i * dim + h * HD..i * dim + (h + 1) * HD]
+                .iter_mut()
+                .zip(acc)
+            {
+                *o = a * inv;
+            }
         }
     }
+}
+
+// Reductions over eight independent lanes: a plain float fold is sequential by IEEE rules and
+// stops the compiler from vectorising the loop around it.
+#[inline(always)]
+fn lanes_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = l.max(v);
+        }
+    }
+    rest.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn lanes_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += v;
+        }
+    }
+    rest.iter().chain(&lanes).sum()
 }
 
 /// exp(x) for x <= 0 as softmax needs it (Cephes' single-precision polynomial, ~1 ulp),
@@ -293,7 +361,7 @@ mod tests {
         use burn::tensor::module::attention;
         use burn::tensor::ops::AttentionModuleOptions;
         let device = Device::flex();
-        let (windows, n, heads, head_dim, bias_windows) = (6, 49, 3, 8, 3);
+        let (windows, n, heads, head_dim, bias_windows) = (6, 49, 3, 16, 3);
         let dim = heads * head_dim;
         let qkv = Tensor::<3>::random(
             [windows, n, 3 * dim],
@@ -308,7 +376,7 @@ mod tests {
         // A shift-mask-like -100 on some pairs.
         bias = bias.clone() + bias.greater_elem(1.5).float() * -100.0;
         let scale = (head_dim as f32).powf(-0.5);
-        let ours = window_attention(&qkv, &bias, heads, scale).expect("applies on Flex");
+        let ours = window_attention(qkv.clone(), &bias, heads, scale).expect("applies on Flex");
         let split = qkv
             .reshape([windows, n, 3, heads, head_dim])
             .permute([2, 0, 3, 1, 4]);

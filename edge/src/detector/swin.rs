@@ -556,11 +556,14 @@ impl WindowAttention {
             None => bias.unsqueeze_dim::<4>(0), // [1, heads, N, N]
         };
         let scale = (head_dim as f64).powf(-0.5);
-        if self.implementation == AttentionImpl::Kernel
-            && let Some(out) = super::kernels::window_attention(&qkv, &bias, heads, scale as f32)
-        {
-            return self.proj.forward(out);
-        }
+        let qkv = if self.implementation == AttentionImpl::Kernel {
+            match super::kernels::window_attention(qkv, &bias, heads, scale as f32) {
+                Ok(out) => return self.proj.forward(out),
+                Err(qkv) => *qkv,
+            }
+        } else {
+            qkv
+        };
 
         let qkv = qkv.reshape([bw, n, 3, heads, head_dim]);
         let qkv = qkv.permute([2, 0, 3, 1, 4]); // [3, B*nW, heads, N, hd]
