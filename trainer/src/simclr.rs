@@ -342,18 +342,19 @@ pub fn run(
         .open(run_dir.join("metrics.jsonl"))?;
     let (mut images, mut seconds) = (0usize, 0f64);
     let mut stopped = false;
-    let untrained = state.epoch == 0 && state.knn.is_empty();
-    if untrained
-        && let Some(acc) = representation_check(
-            &model.backbone.valid(),
+    let knn = |backbone: &SwinTransformer| {
+        representation_check(
+            &backbone.valid(),
             &train,
             &val,
             &classes,
             &preprocess,
             device,
             config.knn_k,
-        )?
-    {
+        )
+    };
+    let untrained = state.epoch == 0 && state.knn.is_empty();
+    if untrained && let Some(acc) = knn(&model.backbone)? {
         tracing::info!("before pretraining: kNN accuracy {acc:.4} (random backbone)");
         state.knn.push((0, acc));
     }
@@ -424,15 +425,7 @@ pub fn run(
         }
         bar.finish();
         state.epoch += 1;
-        if let Some(acc) = representation_check(
-            &model.backbone.valid(),
-            &train,
-            &val,
-            &classes,
-            &preprocess,
-            device,
-            config.knn_k,
-        )? {
+        if let Some(acc) = knn(&model.backbone)? {
             tracing::info!(
                 "epoch {}: kNN accuracy {acc:.4} on the validation split (file-name classes)",
                 state.epoch
