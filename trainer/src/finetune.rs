@@ -406,7 +406,7 @@ pub fn run(
             state.batch = 0;
         }
         let last = state.epoch >= config.epochs || state.step >= total_steps;
-        if epoch_done && (state.epoch % config.eval_every.max(1) == 0 || last) && !stopped {
+        if ((epoch_done && state.epoch % config.eval_every.max(1) == 0) || last) && !stopped {
             let eval_detector = Detector {
                 config: detector.config.clone(),
                 model: detector.model.valid(),
