@@ -7,6 +7,15 @@ use burn::prelude::*;
 use edge::detector::{AttentionImpl, SwinConfig};
 use safetensors::SafeTensors;
 
+/// The device the parity checks run on: Flex unless `EDGE_TEST_DEVICE` names another compiled
+/// in (`EDGE_TEST_DEVICE=wgpu cargo test --features wgpu ...`), so GPUs get the same check.
+fn test_device() -> Device {
+    let name = std::env::var("EDGE_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    let choice = <edge::device::DeviceChoice as clap::ValueEnum>::from_str(&name, true)
+        .unwrap_or_else(|e| panic!("EDGE_TEST_DEVICE={name}: {e}"));
+    choice.device().unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -50,7 +59,7 @@ fn parity(dir: &Path, attention: AttentionImpl) -> Vec<(String, f32)> {
         .with_depths(list("depths"))
         .with_num_heads(list("num_heads"))
         .with_window_size(cfg["window_size"].as_u64().unwrap() as usize);
-    let device = Device::flex();
+    let device = test_device();
     let mut model = config.init(&device);
     model.set_attention_impl(attention);
 
