@@ -131,11 +131,11 @@ fn main() {
                     || {
                         let out = kernels::window_attention(
                             qkv.forward(windows.clone()),
-                            &bias,
+                            bias.clone(),
                             heads,
                             scale as f32,
                         );
-                        drop(out.expect("Flex").into_data())
+                        drop(out.into_data())
                     },
                     runs,
                 ),

@@ -10,10 +10,7 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 fn small_config() -> DetectorConfig {
     let mut config = DetectorConfig::edge_neu();
-    config.backbone = SwinConfig::new()
-        .with_embed_dim(16)
-        .with_depths(vec![1, 1, 1, 1])
-        .with_num_heads(vec![1, 2, 2, 4]);
+    config.backbone = SwinConfig::nano();
     config.head = HeadConfig::new().with_dim(32).with_norm_groups(8);
     config.preprocess.input_size = [64, 64];
     config.score_threshold = 0.0;

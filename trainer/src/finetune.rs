@@ -407,12 +407,7 @@ pub fn run(
         }
         let last = state.epoch >= config.epochs || state.step >= total_steps;
         if ((epoch_done && state.epoch % config.eval_every.max(1) == 0) || last) && !stopped {
-            let eval_detector = Detector {
-                config: detector.config.clone(),
-                model: detector.model.valid(),
-                device: device.clone(),
-            };
-            let mut eval_detector = eval_detector;
+            let mut eval_detector = detector.valid();
             eval_detector.config.score_threshold = 0.01;
             let report = evaluate_samples(&eval_detector, &val, config.batch_size)?;
             tracing::info!(
@@ -445,12 +440,7 @@ pub fn run(
         }
     }
     let model_out = run_dir.join("model.safetensors");
-    Detector {
-        config: detector.config.clone(),
-        model: detector.model.valid(),
-        device: device.clone(),
-    }
-    .save(&model_out)?;
+    detector.valid().save(&model_out)?;
     Ok(RunOutcome {
         state,
         last_report,
@@ -466,15 +456,9 @@ fn save_checkpoint(
     state: &RunState,
     dir: &Path,
 ) -> Result<()> {
-    // Model and optimizer first, state last: a crash between them resumes from the older state.
-    let model = Detector {
-        config: detector.config.clone(),
-        model: detector.model.valid(),
-        device: detector.device.clone(),
-    };
-    let tmp = dir.join("model.tmp");
-    model.save(&tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    // Each file is replaced atomically, state last: a crash in between resumes the newer
+    // weights at the older position (repeating at most the batches since it was written).
+    detector.valid().save(dir.join("model.safetensors"))?;
     let optim_tmp = dir.join("optim.tmp.bpk");
     let _ = std::fs::remove_file(&optim_tmp);
     optim

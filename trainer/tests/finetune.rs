@@ -11,10 +11,7 @@ use trainer::finetune::{FinetuneConfig, run};
 
 fn small_config(data: &std::path::Path) -> FinetuneConfig {
     let mut config = FinetuneConfig::new(data.to_path_buf());
-    config.backbone = SwinConfig::new()
-        .with_embed_dim(16)
-        .with_depths(vec![1, 1, 1, 1])
-        .with_num_heads(vec![1, 2, 2, 4]);
+    config.backbone = SwinConfig::nano();
     config.input_size = 96;
     config.batch_size = 4;
     config.epochs = 25;
@@ -117,10 +114,7 @@ fn simclr_backbone_initialises_finetuning() {
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     trainer::data::synth::write_dataset(&data, &classes, 4, 2).unwrap();
     let mut pre = trainer::simclr::PretrainConfig::new(data.clone());
-    pre.backbone = SwinConfig::new()
-        .with_embed_dim(16)
-        .with_depths(vec![1, 1, 1, 1])
-        .with_num_heads(vec![1, 2, 2, 4]);
+    pre.backbone = SwinConfig::nano();
     pre.input_size = 64;
     pre.batch_size = 6;
     pre.epochs = 2;

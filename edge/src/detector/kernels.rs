@@ -43,13 +43,10 @@ pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
 
 fn gelu_chunk(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { gelu_avx2(src, dst) };
-            return;
-        }
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { gelu_avx2(src, dst) };
+        return;
     }
     gelu_portable(src, dst);
 }
@@ -67,70 +64,71 @@ fn gelu_portable(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Whether [`window_attention`] can run these tensors: the Flex backend without autodiff,
+/// f32, a head size it is compiled for, and a bias of shape `[bias_windows, heads, n, n]`.
+pub fn window_attention_applies(qkv: &Tensor<3>, bias: &Tensor<4>, heads: usize) -> bool {
+    let device = qkv.device();
+    let [_, n, three_dim] = qkv.dims();
+    let [bias_windows, bias_heads, bn, bm] = bias.dims();
+    let dim = three_dim / 3;
+    !device.is_autodiff()
+        && device == Device::flex()
+        && qkv.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && three_dim.is_multiple_of(3)
+        && heads > 0
+        && dim.is_multiple_of(heads)
+        && HEAD_DIMS.contains(&(dim / heads))
+        && bias_windows > 0
+        && bias_heads == heads
+        && bn == n
+        && bm == n
+}
+
 /// Windowed multi-head attention straight from the qkv projection.
 ///
 /// `qkv`: `[windows, n, 3 * dim]` (q, k, v, each `heads x head_dim`, as timm's `qkv` Linear
 /// lays them out); `bias`: `[bias_windows, heads, n, n]` added to the scores, window `w` using
 /// `bias[w % bias_windows]` (relative-position bias, plus the shift mask when there is one).
-/// Returns `[windows, n, dim]` with the heads merged, or gives `qkv` back where the kernel
-/// does not apply (autodiff, a device other than Flex, a dtype other than f32, a head size it
-/// is not compiled for). `qkv` is taken by value: a tensor nothing else holds is read in place.
-pub fn window_attention(
-    qkv: Tensor<3>,
-    bias: &Tensor<4>,
-    heads: usize,
-    scale: f32,
-) -> Result<Tensor<3>, Box<Tensor<3>>> {
+/// Returns `[windows, n, dim]` with the heads merged. Call it where
+/// [`window_attention_applies`]; both tensors are taken by value because burn reads a tensor
+/// that nothing else holds in place, and copies a shared one element by element.
+pub fn window_attention(qkv: Tensor<3>, bias: Tensor<4>, heads: usize, scale: f32) -> Tensor<3> {
+    assert!(
+        window_attention_applies(&qkv, &bias, heads),
+        "window_attention called on tensors it does not apply to"
+    );
     let device = qkv.device();
-    if device.is_autodiff()
-        || device != Device::flex()
-        || qkv.dtype() != DType::F32
-        || bias.dtype() != DType::F32
-    {
-        return Err(Box::new(qkv));
-    }
     let [windows, n, three_dim] = qkv.dims();
-    let [bias_windows, bias_heads, bn, bm] = bias.dims();
+    let [bias_windows, _, _, _] = bias.dims();
     let dim = three_dim / 3;
-    if !three_dim.is_multiple_of(3)
-        || heads == 0
-        || !dim.is_multiple_of(heads)
-        || !HEAD_DIMS.contains(&(dim / heads))
-        || bias_heads != heads
-        || bn != n
-        || bm != n
-        || bias_windows == 0
-    {
-        return Err(Box::new(qkv));
-    }
     let qkv_data = qkv.into_data();
-    let bias_data = bias.clone().into_data();
-    let (Ok(qkv_values), Ok(bias_values)) =
-        (qkv_data.as_slice::<f32>(), bias_data.as_slice::<f32>())
-    else {
-        return Err(Box::new(Tensor::from_data(qkv_data, &device)));
-    };
+    let bias_data = bias.into_data();
+    let qkv_values = qkv_data.as_slice::<f32>().expect("checked f32");
+    let bias_values = bias_data.as_slice::<f32>().expect("checked f32");
     let mut out = vec![0f32; windows * n * dim];
     let shape = AttentionShape {
         n,
         dim,
         heads,
         head_dim: dim / heads,
-        bias_windows,
         scale,
     };
     out.par_chunks_mut(n * dim)
         .enumerate()
         .for_each(|(w, out_window)| {
             let qkv_window = &qkv_values[w * n * three_dim..(w + 1) * n * three_dim];
-            let bias_window = &bias_values
-                [(w % bias_windows) * heads * n * n..(w % bias_windows + 1) * heads * n * n];
+            let b = w % bias_windows;
+            let bias_window = &bias_values[b * heads * n * n..(b + 1) * heads * n * n];
             attend_window(&shape, qkv_window, bias_window, out_window);
         });
-    Ok(Tensor::from_data(
-        TensorData::new(out, [windows, n, dim]),
-        &device,
-    ))
+    Tensor::from_data(TensorData::new(out, [windows, n, dim]), &device)
+}
+
+/// AVX2 with FMA: the kernels then run a copy of their loops compiled for 8-wide vectors.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 struct AttentionShape {
@@ -138,7 +136,6 @@ struct AttentionShape {
     dim: usize,
     heads: usize,
     head_dim: usize,
-    bias_windows: usize,
     scale: f32,
 }
 
@@ -146,15 +143,11 @@ struct AttentionShape {
 const HEAD_DIMS: [usize; 5] = [16, 24, 32, 48, 64];
 
 fn attend_window(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
-    debug_assert!(shape.bias_windows > 0);
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { attend_window_avx2(shape, qkv, bias, out) };
-            return;
-        }
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { attend_window_avx2(shape, qkv, bias, out) };
+        return;
     }
     attend_window_any(shape, qkv, bias, out);
 }
@@ -376,7 +369,11 @@ mod tests {
         // A shift-mask-like -100 on some pairs.
         bias = bias.clone() + bias.greater_elem(1.5).float() * -100.0;
         let scale = (head_dim as f32).powf(-0.5);
-        let ours = window_attention(qkv.clone(), &bias, heads, scale).expect("applies on Flex");
+        assert!(
+            window_attention_applies(&qkv, &bias, heads),
+            "applies on Flex"
+        );
+        let ours = window_attention(qkv.clone(), bias.clone(), heads, scale);
         let split = qkv
             .reshape([windows, n, 3, heads, head_dim])
             .permute([2, 0, 3, 1, 4]);

@@ -175,6 +175,15 @@ impl Detector {
         })
     }
 
+    /// The same detector for inference: weights off the autodiff graph, on the inner device.
+    pub fn valid(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            model: self.model.valid(),
+            device: self.device.clone().without_autodiff(),
+        }
+    }
+
     /// Detects defects in each image; boxes are in that image's own pixel coordinates.
     pub fn detect(&self, images: &[ImageView]) -> Result<Vec<Vec<Detection>>, DetectorError> {
         if images.is_empty() {

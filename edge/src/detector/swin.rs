@@ -72,6 +72,15 @@ impl SwinConfig {
             .with_num_heads(vec![2, 4, 8, 16])
     }
 
+    /// The smallest Swin that still has every stage (embed 16, one block each, heads 1-2-2-4):
+    /// for tests and smoke runs, not for accuracy.
+    pub fn nano() -> Self {
+        Self::new()
+            .with_embed_dim(16)
+            .with_depths(vec![1, 1, 1, 1])
+            .with_num_heads(vec![1, 2, 2, 4])
+    }
+
     /// Channels of each stage's output.
     pub fn stage_dims(&self) -> Vec<usize> {
         (0..self.depths.len())
@@ -556,14 +565,12 @@ impl WindowAttention {
             None => bias.unsqueeze_dim::<4>(0), // [1, heads, N, N]
         };
         let scale = (head_dim as f64).powf(-0.5);
-        let qkv = if self.implementation == AttentionImpl::Kernel {
-            match super::kernels::window_attention(qkv, &bias, heads, scale as f32) {
-                Ok(out) => return self.proj.forward(out),
-                Err(qkv) => *qkv,
-            }
-        } else {
-            qkv
-        };
+        if self.implementation == AttentionImpl::Kernel
+            && super::kernels::window_attention_applies(&qkv, &bias, heads)
+        {
+            let out = super::kernels::window_attention(qkv, bias, heads, scale as f32);
+            return self.proj.forward(out);
+        }
 
         let qkv = qkv.reshape([bw, n, 3, heads, head_dim]);
         let qkv = qkv.permute([2, 0, 3, 1, 4]); // [3, B*nW, heads, N, hd]

@@ -131,13 +131,17 @@ impl Detector {
             .map_err(|e| bad("<memory>", e.to_string()))
     }
 
+    /// Writes the model file atomically: a crash leaves the old file or the new one, whole.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), DetectorError> {
         let path = path.as_ref();
         let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|source| DetectorError::Io {
+        let tmp = path.with_extension("tmp");
+        let io = |source| DetectorError::Io {
             path: path.display().to_string(),
             source,
-        })
+        };
+        std::fs::write(&tmp, bytes).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, DetectorError> {
