@@ -86,32 +86,34 @@ struct XmlBox {
     ymax: String,
 }
 
-const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "JPG"];
+const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "bmp"];
+
+/// The JPEG/PNG/BMP files directly in `dir` (any case of extension), by file stem, sorted.
+fn list_images(dir: &Path) -> Result<BTreeMap<String, PathBuf>, DataError> {
+    let io = |source| DataError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut images = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let is_image = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()));
+        if let (true, Some(stem)) = (is_image, path.file_stem().and_then(|s| s.to_str())) {
+            images.insert(stem.to_string(), path.clone());
+        }
+    }
+    Ok(images)
+}
 
 /// Reads a VOC-layout folder. `classes` fixes the class ids; an object of another class is an
 /// error naming the file (a label set that does not match the model is not something to skip).
 pub fn load(root: &Path, classes: &[String]) -> Result<Dataset, DataError> {
     let images_dir = root.join("images");
     let annotations_dir = root.join("annotations");
-    let mut images: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let entries = std::fs::read_dir(&images_dir).map_err(|source| DataError::Io {
-        path: images_dir.display().to_string(),
-        source,
-    })?;
-    for entry in entries {
-        let path = entry
-            .map_err(|source| DataError::Io {
-                path: images_dir.display().to_string(),
-                source,
-            })?
-            .path();
-        let is_image = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-            IMAGE_EXTENSIONS.contains(&e) || IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str())
-        });
-        if let (true, Some(stem)) = (is_image, path.file_stem().and_then(|s| s.to_str())) {
-            images.insert(stem.to_string(), path.clone());
-        }
-    }
+    let images = list_images(&images_dir)?;
     let mut warnings = Vec::new();
     let mut samples = Vec::with_capacity(images.len());
     for (stem, image_path) in images {
@@ -162,28 +164,11 @@ pub fn load_images_only(
     } else {
         folder.join("images")
     };
-    let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
-        })
-        .collect();
-    paths.sort();
-    let mut samples = Vec::with_capacity(paths.len());
-    for image_path in paths {
+    let images = list_images(&dir)?;
+    let mut samples = Vec::with_capacity(images.len());
+    for (stem, image_path) in images {
         let (width, height) = image::image_dimensions(&image_path)
             .map_err(|e| invalid(&image_path, format!("cannot read image: {e}")))?;
-        let stem = image_path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
         samples.push(Sample {
             stem,
             image_path,
