@@ -1,4 +1,6 @@
-//! Edge inspection: the Swin defect detector (`detector`) and the device selection it runs on.
-
+pub mod config;
+pub mod daemon;
 pub mod detector;
 pub mod device;
+pub mod models;
+pub mod selftest;

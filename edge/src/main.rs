@@ -1,4 +1,4 @@
-//! `edge`: the inspection daemon's binary. For now it runs the detector on image files.
+//! `edge`: the inspection daemon (`edge run`) and tools around the detector.
 
 // Every tensor op allocates; mimalloc keeps freed blocks for reuse instead of returning them
 // to the kernel, which saves page faults on every forward pass.
@@ -41,6 +41,12 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// Run the daemon: model lifecycle and updates over MQTT, as configured.
+    Run {
+        /// TOML configuration (see configs/edge.toml for every key).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print a model file's config and parameter count.
     Info {
         #[arg(long)]
@@ -50,12 +56,25 @@ enum Command {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let device = cli.device.device()?;
     match cli.command {
+        Command::Run { config } => {
+            let config = edge::config::EdgeConfig::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let daemon = edge::daemon::Daemon::open(config, device)?;
+                daemon.run(shutdown_signal()).await
+            })?;
+        }
         Command::Detect {
             model,
             images,
@@ -101,4 +120,14 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// SIGTERM (systemd stop) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+    }
 }

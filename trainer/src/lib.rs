@@ -4,5 +4,6 @@
 pub mod data;
 pub mod eval;
 pub mod finetune;
+pub mod package;
 pub mod report;
 pub mod simclr;

@@ -1,4 +1,5 @@
-//! `trainer`: data generation, fine-tuning and evaluation of the edge defect detector.
+//! `trainer`: data generation, pretraining, fine-tuning, evaluation, packaging and rollout of
+//! the edge defect detector.
 
 // Every tensor op allocates; mimalloc keeps freed blocks for reuse instead of returning them
 // to the kernel, which saves page faults on every step.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use edge::detector::{Detector, NEU_CLASSES};
 use edge::device::DeviceChoice;
 use trainer::data::augment::AugmentConfig;
@@ -31,8 +32,139 @@ struct Cli {
     command: Command,
 }
 
+/// Where the MQTT broker is and how to log in.
+#[derive(Args)]
+struct BrokerArgs {
+    /// Broker as HOST or HOST:PORT (1883 by default; with TLS, HOST must match its certificate).
+    #[arg(long, default_value = "localhost")]
+    broker: String,
+    /// Site: the first topic level under `edgeinsp/`.
+    #[arg(long, default_value = "site1")]
+    site: String,
+    #[arg(long)]
+    username: Option<String>,
+    /// Password (or set MQTT_PASSWORD).
+    #[arg(long, env = "MQTT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// CA certificate (PEM) of the broker: connects over TLS.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn config(&self) -> Result<protocol::mqtt::BrokerConfig> {
+        let (host, port) = match self.broker.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse()
+                    .with_context(|| format!("--broker {}: bad port", self.broker))?,
+            ),
+            None => (self.broker.clone(), 1883),
+        };
+        let mut config = protocol::mqtt::BrokerConfig::plain(&host, port);
+        config.username = self.username.clone();
+        config.password = self.password.clone();
+        if let Some(ca) = &self.tls_ca {
+            config.tls = Some(protocol::mqtt::TlsFiles {
+                ca: ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            });
+        }
+        Ok(config)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Create an ed25519 signing key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub
+    /// (put its contents in the edge config's models.trusted_keys).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+    /// Write an untrained detector (random weights), for pipeline tests and benchmarks.
+    InitModel {
+        #[arg(long)]
+        out: PathBuf,
+        /// Backbone size: nano (tests), edge (the product), tiny (Swin-T).
+        #[arg(long, default_value = "edge")]
+        size: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Sign a model into a package for the fleet (manifest, golden samples, weights).
+    Package {
+        /// Model file (SafeTensors written by `trainer finetune`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Secret key from `trainer keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Package version: devices only accept versions newer than their active one.
+        #[arg(long)]
+        version: u64,
+        /// Model name in the manifest.
+        #[arg(long, default_value = "neu-edge")]
+        id: String,
+        /// Golden images (repeat the flag): the device must reproduce their detections before
+        /// it switches to the model.
+        #[arg(long, required = true)]
+        golden: Vec<PathBuf>,
+        /// report.json from `trainer eval` or a run: its mAP goes into the manifest.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Oldest edge release that may run it.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        min_edge_version: String,
+        /// Detections scoring at least this are part of the golden expectations.
+        #[arg(long, default_value_t = 0.3)]
+        golden_min_score: f32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
+    /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
+    Publish {
+        package: PathBuf,
+        /// device:ID, group:NAME or fleet.
+        #[arg(long)]
+        to: protocol::Target,
+        /// Send here first and halt unless every device in it activates the model.
+        #[arg(long)]
+        canary: Option<protocol::Target>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Public key to check the package against before sending (recommended).
+        #[arg(long)]
+        verify_with: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        chunk_kib: usize,
+        /// Give up on devices that have not answered after this many seconds (per stage).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Send a signed rollback command: devices go back to a kept earlier model.
+    Rollback {
+        /// device:ID, group:NAME or fleet.
+        #[arg(long)]
+        to: protocol::Target,
+        /// Version to go back to (default: the newest kept one).
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
     /// Write a synthetic NEU-DET-style dataset (JPEG + VOC XML, NEU layout).
     Synth {
         /// Output folder (gets images/ and annotations/).
@@ -196,6 +328,178 @@ fn main() -> Result<()> {
     let device = cli.device.device()?;
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     match cli.command {
+        Command::Keygen { out, name } => {
+            let key = protocol::package::generate_key()?;
+            let (secret, public) = protocol::package::write_key_pair(&out, &name, &key)?;
+            println!(
+                "secret key: {}\npublic key: {} ({})",
+                secret.display(),
+                public.display(),
+                protocol::package::public_key_hex(&key.verifying_key())
+            );
+        }
+        Command::InitModel { out, size, seed } => {
+            use edge::detector::{DetectorConfig, SwinConfig};
+            let mut config = DetectorConfig::edge_neu();
+            config.backbone = match size.as_str() {
+                "nano" => SwinConfig::nano(),
+                "edge" => SwinConfig::edge(),
+                "tiny" => SwinConfig::tiny(),
+                other => anyhow::bail!("--size {other}: expected nano, edge or tiny"),
+            };
+            device.seed(seed);
+            let detector = Detector::new(config, &device)?;
+            detector.save(&out)?;
+            use burn::module::Module;
+            println!(
+                "wrote {} ({} parameters)",
+                out.display(),
+                detector.model.num_params()
+            );
+        }
+        Command::Package {
+            model,
+            key,
+            version,
+            id,
+            golden,
+            metrics,
+            min_edge_version,
+            golden_min_score,
+            out,
+        } => {
+            let key = protocol::package::read_signing_key(&key)?;
+            let spec = trainer::package::PackageSpec {
+                id,
+                version,
+                golden,
+                tolerance: protocol::package::GoldenTolerance {
+                    min_score: golden_min_score,
+                    ..Default::default()
+                },
+                metrics: match metrics {
+                    Some(p) => trainer::package::metrics_from_report(&p)?,
+                    None => Default::default(),
+                },
+                min_edge_version,
+                quantization: "none".into(),
+                pruning: None,
+            };
+            let package = trainer::package::build(&model, &spec, &key, &device)?;
+            package.write(&out)?;
+            println!(
+                "wrote {} (v{version}, {} bytes, {} golden sample(s))",
+                out.display(),
+                package.to_bytes().len(),
+                spec.golden.len()
+            );
+        }
+        Command::Publish {
+            package,
+            to,
+            canary,
+            broker,
+            verify_with,
+            chunk_kib,
+            timeout,
+        } => {
+            let pkg = protocol::Package::read(&package)?;
+            let trusted = match verify_with {
+                Some(p) => vec![protocol::package::parse_public_key(
+                    &std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )?],
+                None => vec![],
+            };
+            let mut options = protocol::rollout::RolloutOptions::new(&broker.site, to);
+            options.canary = canary;
+            options.chunk_size = chunk_kib << 10;
+            options.timeout = std::time::Duration::from_secs(timeout);
+            let broker = broker.config()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(protocol::rollout::rollout(
+                &broker,
+                &pkg,
+                &trusted,
+                &options,
+                &|line| eprintln!("{line}"),
+            ))?;
+            for stage in &report.stages {
+                let secs = stage.elapsed.as_secs_f64();
+                println!(
+                    "{}: {} chunk(s), {} bytes sent in {secs:.2} s ({:.1} MB/s)",
+                    stage.target,
+                    stage.chunks_sent,
+                    stage.bytes_sent,
+                    stage.bytes_sent as f64 / 1e6 / secs.max(1e-9)
+                );
+                for d in &stage.devices {
+                    println!(
+                        "  {}: {}{}",
+                        d.device,
+                        d.state
+                            .map(|s| format!("{s:?}").to_lowercase())
+                            .unwrap_or("no answer".into()),
+                        d.reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            if report.halted {
+                anyhow::bail!("canary failed: rollout of v{} halted", report.version);
+            }
+            if !report.succeeded() {
+                anyhow::bail!(
+                    "rollout of v{} did not succeed on every device",
+                    report.version
+                );
+            }
+            println!("v{} active on every device", report.version);
+        }
+        Command::Rollback {
+            to,
+            version,
+            key,
+            broker,
+        } => {
+            let key = protocol::package::read_signing_key(&key)?;
+            let command = protocol::Command {
+                action: protocol::CommandAction::Rollback {
+                    to_version: version,
+                },
+                target: to.clone(),
+                issued_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_millis() as u64,
+            };
+            let text = serde_json::to_string(&command)?;
+            let signed = protocol::SignedCommand {
+                signature: hex_encode(&protocol::package::sign(&key, text.as_bytes())),
+                command: text,
+            };
+            let topics = protocol::Topics::new(&broker.site)?;
+            let broker = broker.config()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                use protocol::messages::Message;
+                let options = broker.options(&format!("rollback-{}", std::process::id()))?;
+                let mut conn = protocol::mqtt::Connection::start(options, vec![]);
+                conn.wait_connected(std::time::Duration::from_secs(15))
+                    .await?;
+                conn.publish(
+                    topics.down(&to, protocol::topics::DownKind::Command),
+                    signed.encode(),
+                    false,
+                )
+                .await?;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                conn.close().await;
+                anyhow::Ok(())
+            })?;
+            println!("rollback command sent to {to}");
+        }
         Command::Synth {
             out,
             per_class,
@@ -350,4 +654,8 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

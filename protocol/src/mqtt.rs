@@ -1,0 +1,230 @@
+//! Broker settings shared by the edge (its TOML `[mqtt]` section) and the trainer's publisher,
+//! and a small connection wrapper that keeps rumqttc's event loop running and reconnecting.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::ProtocolError;
+
+/// Where the broker is and how to authenticate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Host name (with TLS, the name the server certificate is checked against).
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// TLS; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// MQTT keep-alive in seconds (a dead connection is noticed after 1.5x this).
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+}
+
+fn default_port() -> u16 {
+    1883
+}
+
+fn default_keep_alive() -> u64 {
+    10
+}
+
+/// PEM files for TLS: the CA that signed the broker's certificate, and optionally this client's
+/// certificate and key (for brokers that require client certificates).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    pub fn plain(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_string(),
+            port,
+            username: None,
+            password: None,
+            tls: None,
+            keep_alive_s: default_keep_alive(),
+        }
+    }
+
+    /// rumqttc options for this broker. Packets up to 64 MiB pass (chunks, offers).
+    pub fn options(&self, client_id: &str) -> Result<MqttOptions, ProtocolError> {
+        let mut options = MqttOptions::new(client_id, &self.host, self.port);
+        options.set_keep_alive(Duration::from_secs(self.keep_alive_s.max(1)));
+        options.set_max_packet_size(64 << 20, 64 << 20);
+        match (&self.username, &self.password) {
+            (Some(u), Some(p)) => {
+                options.set_credentials(u, p);
+            }
+            (Some(u), None) => {
+                options.set_credentials(u, "");
+            }
+            (None, Some(_)) => {
+                return Err(ProtocolError::Invalid(
+                    "mqtt: a password is set without a username".into(),
+                ));
+            }
+            (None, None) => {}
+        }
+        if let Some(tls) = &self.tls {
+            // rumqttc is built without a default crypto provider; ring is ours.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read(p).map_err(|e| {
+                    ProtocolError::Invalid(format!("mqtt.tls.{what} {}: {e}", p.display()))
+                })
+            };
+            let ca = read(&tls.ca, "ca")?;
+            let client_auth = match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => Some((read(c, "cert")?, read(k, "key")?)),
+                (None, None) => None,
+                _ => {
+                    return Err(ProtocolError::Invalid(
+                        "mqtt.tls: `cert` and `key` go together".into(),
+                    ));
+                }
+            };
+            options.set_transport(Transport::tls(ca, client_auth, None));
+        }
+        Ok(options)
+    }
+}
+
+/// An incoming message.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub retain: bool,
+}
+
+/// A running connection: the client to publish and subscribe with, the incoming messages, and a
+/// watch that tells whether the broker link is up (it reconnects by itself).
+pub struct Connection {
+    pub client: AsyncClient,
+    pub incoming: mpsc::Receiver<Incoming>,
+    pub connected: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Connection {
+    /// Starts the event loop. `on_connect` subscriptions are (re)made on every connection, so
+    /// a broker restart without persistence loses nothing we listen to.
+    pub fn start(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
+        let (client, eventloop) = AsyncClient::new(options, 256);
+        let (tx, rx) = mpsc::channel(1024);
+        let (up_tx, up_rx) = watch::channel(false);
+        let task = tokio::spawn(drive(eventloop, client.clone(), subscriptions, tx, up_tx));
+        Connection {
+            client,
+            incoming: rx,
+            connected: up_rx,
+            task,
+        }
+    }
+
+    /// Waits until connected (or the timeout passes).
+    pub async fn wait_connected(&mut self, timeout: Duration) -> Result<(), ProtocolError> {
+        let wait = self.connected.wait_for(|up| *up);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ProtocolError::Mqtt(format!(
+                "no connection to the broker within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Publishes (QoS 1 unless told otherwise).
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), ProtocolError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|e| ProtocolError::Mqtt(e.to_string()))
+    }
+
+    /// Disconnects cleanly (the broker does not send the last will).
+    pub async fn close(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    subscriptions: Vec<(String, QoS)>,
+    tx: mpsc::Sender<Incoming>,
+    up: watch::Sender<bool>,
+) {
+    let mut logged_down = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                for (topic, qos) in &subscriptions {
+                    let _ = client.try_subscribe(topic.clone(), *qos);
+                }
+                let _ = up.send(true);
+                if logged_down {
+                    tracing::info!("mqtt: reconnected");
+                }
+                logged_down = false;
+            }
+            Ok(Event::Incoming(Packet::Publish(Publish {
+                topic,
+                payload,
+                retain,
+                ..
+            }))) => {
+                if tx
+                    .send(Incoming {
+                        topic,
+                        payload,
+                        retain,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = up.send(false);
+                // Let the disconnect go out, then stop.
+                let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = up.send(false);
+                if !logged_down {
+                    tracing::warn!("mqtt: connection lost or refused ({e}); retrying");
+                    logged_down = true;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}

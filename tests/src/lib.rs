@@ -1,0 +1,374 @@
+//! Harness for the whole-process tests: a real mosquitto per test on a free loopback port, the
+//! real `edge` and `trainer` binaries as child processes, and an MQTT watcher that records what
+//! the devices publish.
+//!
+//! The binaries are the ones `cargo test --workspace --release` builds next to this test
+//! (target/release/); run the tests through that command (README).
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::messages::Message;
+
+/// Path of a workspace binary built beside the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo test --workspace --release` (README)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Runs a binary to completion; panics with its output when it fails.
+pub fn run_ok(name: &str, args: &[&str]) -> String {
+    let (ok, out) = run(name, args);
+    assert!(ok, "{name} {args:?} failed:\n{out}");
+    out
+}
+
+/// Runs a binary; returns (success, stdout + stderr).
+pub fn run(name: &str, args: &[&str]) -> (bool, String) {
+    let output = Command::new(bin(name))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// A mosquitto broker on a loopback port, killed on drop.
+pub struct Broker {
+    pub port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Plain TCP, anonymous.
+    pub fn start(dir: &Path) -> Broker {
+        let port = free_port();
+        Self::start_with(
+            dir,
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+    }
+
+    /// With the given listener configuration (TLS, passwords).
+    pub fn start_with(dir: &Path, port: u16, listener: &str) -> Broker {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("{listener}persistence false\nmax_queued_messages 100000\n"),
+        )
+        .expect("writing mosquitto.conf");
+        let mut broker = Broker {
+            port,
+            log: dir.join(format!("mosquitto-{port}.log")),
+            conf,
+            child: None,
+        };
+        broker.restart();
+        broker
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::File::create(&self.log).expect("mosquitto log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto not found: install it (apt-get install mosquitto)");
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, Duration::from_secs(10)),
+            "mosquitto did not listen on {}: {}",
+            self.port,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An `edge run` process with its config and log.
+pub struct Edge {
+    pub id: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Edge {
+    pub fn start(dir: &Path, id: &str, config: &str) -> Edge {
+        let root = dir.join(id);
+        std::fs::create_dir_all(&root).expect("edge dir");
+        let path = root.join("edge.toml");
+        std::fs::write(&path, config).expect("edge.toml");
+        let mut edge = Edge {
+            id: id.to_string(),
+            config: path,
+            log: root.join("edge.log"),
+            child: None,
+            starts: 0,
+        };
+        edge.restart();
+        edge
+    }
+
+    /// Starts the daemon again (after `kill9` or `stop`); the log is appended to.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("edge log");
+        let child = Command::new(bin("edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting edge");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("edge running");
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { kill(c.id() as i32, 15) };
+        c.wait().expect("edge exit")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// (topic, payload) of every message seen.
+type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Records every message under `edgeinsp/#` on a broker.
+pub struct Watcher {
+    messages: Log,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Watcher {
+    pub fn start(port: u16) -> Watcher {
+        Self::start_with(protocol::mqtt::BrokerConfig::plain("127.0.0.1", port))
+    }
+
+    pub fn start_with(broker: protocol::mqtt::BrokerConfig) -> Watcher {
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let options = broker
+                    .options(&format!("watcher-{}", free_port()))
+                    .expect("options");
+                let mut conn = protocol::mqtt::Connection::start(
+                    options,
+                    vec![("edgeinsp/#".to_string(), rumqttc::QoS::AtLeastOnce)],
+                );
+                let _ = conn.wait_connected(Duration::from_secs(10)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = ready_tx.send(());
+                while let Some(m) = conn.incoming.recv().await {
+                    sink.lock()
+                        .expect("lock")
+                        .push((m.topic, m.payload.to_vec()));
+                }
+            });
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(10));
+        Watcher {
+            messages,
+            _thread: thread,
+        }
+    }
+
+    /// Waits for a message on a topic ending in `suffix` that `pred` accepts; returns it.
+    pub fn wait<T: Message>(
+        &self,
+        suffix: &str,
+        timeout: Duration,
+        pred: impl Fn(&T) -> bool,
+    ) -> Option<T> {
+        let until = Instant::now() + timeout;
+        loop {
+            {
+                let messages = self.messages.lock().expect("lock");
+                for (topic, payload) in messages.iter().rev() {
+                    if topic.ends_with(suffix)
+                        && let Ok(msg) = T::decode(payload)
+                        && pred(&msg)
+                    {
+                        return Some(msg);
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The latest status a device published.
+    pub fn status(&self, device: &str) -> Option<protocol::Status> {
+        self.wait::<protocol::Status>(&format!("/{device}/status"), Duration::ZERO, |_| true)
+    }
+
+    /// Waits until a device's latest status satisfies `pred`; panics with the last one seen.
+    pub fn wait_status(
+        &self,
+        device: &str,
+        timeout: Duration,
+        pred: impl Fn(&protocol::Status) -> bool,
+    ) -> protocol::Status {
+        let until = Instant::now() + timeout;
+        loop {
+            let last = self.status(device);
+            if let Some(s) = &last
+                && pred(s)
+            {
+                return s.clone();
+            }
+            if Instant::now() >= until {
+                panic!("{device}: status never matched; last seen: {last:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The edge config used by the tests.
+pub fn edge_config(
+    id: &str,
+    groups: &[&str],
+    broker_port: u16,
+    trusted: &str,
+    factory: &Path,
+    extra_models: &str,
+) -> String {
+    format!(
+        r#"[device]
+id = "{id}"
+site = "test"
+line = "line1"
+groups = [{groups}]
+
+[storage]
+dir = "state"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+keep_alive_s = 2
+
+[models]
+trusted_keys = ["{trusted}"]
+factory = "{factory}"
+{extra_models}
+"#,
+        groups = groups
+            .iter()
+            .map(|g| format!("\"{g}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        factory = factory.display(),
+    )
+}

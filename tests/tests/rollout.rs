@@ -1,0 +1,805 @@
+//! Model rollout over a real mosquitto broker to real `edge` daemons: the happy path, refusals
+//! (wrong key, corrupted, truncated, too large, downgrade, replayed command), repair and resume
+//! (flipped chunk, dead publisher, broker restart, edge SIGKILL), self-test failure, crash-loop
+//! rollback, rollback command, canary halt, TLS with client certificates and passwords.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use e2e::{Broker, Edge, Watcher, edge_config, run, run_ok};
+use protocol::messages::{Chunk, Message, Offer, Report, ReportState, transfer_id};
+use protocol::package::{Manifest, Package, read_signing_key};
+use protocol::{Status, sha256_hex};
+
+const T: Duration = Duration::from_secs(60);
+
+struct Fixture {
+    dir: PathBuf,
+    fleet_pub: String,
+    fleet_key: PathBuf,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+/// Keys, models and packages shared by the tests (built once per test binary).
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("rollout-fixture")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let d = |n: &str| dir.join(n).display().to_string();
+        run_ok(
+            "trainer",
+            &["keygen", "--out", &d("keys"), "--name", "fleet"],
+        );
+        run_ok(
+            "trainer",
+            &["keygen", "--out", &d("keys"), "--name", "rogue"],
+        );
+        run_ok(
+            "trainer",
+            &[
+                "synth",
+                "--out",
+                &d("synth"),
+                "--per-class",
+                "1",
+                "--seed",
+                "3",
+            ],
+        );
+        let golden: Vec<PathBuf> = ["crazing_1.jpg", "scratches_1.jpg"]
+            .iter()
+            .map(|n| dir.join("synth/images").join(n))
+            .collect();
+        let g: Vec<String> = golden.iter().map(|p| p.display().to_string()).collect();
+        for (name, size, seed) in [
+            ("m1", "nano", "0"),
+            ("m2", "nano", "1"),
+            ("m3", "edge", "2"),
+        ] {
+            run_ok(
+                "trainer",
+                &[
+                    "init-model",
+                    "--size",
+                    size,
+                    "--seed",
+                    seed,
+                    "--out",
+                    &d(&format!("{name}.safetensors")),
+                ],
+            );
+        }
+        let package = |model: &str, version: &str, key: &str, out: &str| {
+            run_ok(
+                "trainer",
+                &[
+                    "package",
+                    "--model",
+                    &d(model),
+                    "--key",
+                    &d(key),
+                    "--version",
+                    version,
+                    "--golden",
+                    &g[0],
+                    "--golden",
+                    &g[1],
+                    "--golden-min-score",
+                    "0.05",
+                    "--out",
+                    &d(out),
+                ],
+            );
+        };
+        package("m1.safetensors", "1", "keys/fleet.key", "v1.edgepkg");
+        package("m2.safetensors", "2", "keys/fleet.key", "v2.edgepkg");
+        package("m3.safetensors", "3", "keys/fleet.key", "v3-big.edgepkg");
+        package("m2.safetensors", "2", "keys/rogue.key", "rogue-v2.edgepkg");
+        let fleet_pub = std::fs::read_to_string(dir.join("keys/fleet.pub"))
+            .expect("fleet.pub")
+            .trim()
+            .to_string();
+        Fixture {
+            fleet_key: dir.join("keys/fleet.key"),
+            dir,
+            fleet_pub,
+        }
+    })
+}
+
+fn start_edge(dir: &Path, broker: &Broker, id: &str, groups: &[&str], extra: &str) -> Edge {
+    let f = fixture();
+    Edge::start(
+        dir,
+        id,
+        &edge_config(
+            id,
+            groups,
+            broker.port,
+            &f.fleet_pub,
+            &f.path("v1.edgepkg"),
+            extra,
+        ),
+    )
+}
+
+fn publish(broker: &Broker, package: &str, args: &[&str]) -> (bool, String) {
+    let addr = broker.addr();
+    let mut all = vec![
+        "publish",
+        package,
+        "--broker",
+        &addr,
+        "--site",
+        "test",
+        "--timeout",
+        "60",
+    ];
+    all.extend_from_slice(args);
+    run("trainer", &all)
+}
+
+fn active_version(s: &Status) -> Option<u64> {
+    s.active.as_ref().map(|m| m.version)
+}
+
+fn online_with(w: &Watcher, device: &str, version: u64) -> Status {
+    w.wait_status(device, T, |s| {
+        s.online && active_version(s) == Some(version)
+    })
+}
+
+/// Sends an offer and some chunks of `package` by hand (a publisher that dies, or a network
+/// that flips bits); `corrupt` flips one byte of that chunk after its digest was taken.
+fn send_raw(
+    broker: &Broker,
+    package: &Package,
+    target: &str,
+    chunk_size: usize,
+    send: &[u32],
+    corrupt: Option<u32>,
+) {
+    let topics = protocol::Topics::new("test").unwrap();
+    let target: protocol::Target = target.parse().unwrap();
+    let pieces: Vec<&[u8]> = package.weights.chunks(chunk_size).collect();
+    let transfer = protocol::messages::transfer_hex(&package.manifest_bytes, &package.signature);
+    let offer = Offer {
+        transfer: transfer.clone(),
+        target: target.clone(),
+        manifest: String::from_utf8(package.manifest_bytes.clone()).unwrap(),
+        signature: hex(&package.signature),
+        size: package.weights.len() as u64,
+        chunk_size: chunk_size as u32,
+        chunks: pieces.iter().map(|p| sha256_hex(p)).collect(),
+    };
+    let id = transfer_id(&transfer).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
+            .options("raw-sender")
+            .unwrap();
+        let mut conn = protocol::mqtt::Connection::start(options, vec![]);
+        conn.wait_connected(T).await.unwrap();
+        use protocol::topics::DownKind;
+        conn.publish(topics.down(&target, DownKind::Offer), offer.encode(), false)
+            .await
+            .unwrap();
+        for &i in send {
+            let mut data = pieces[i as usize].to_vec();
+            if corrupt == Some(i) {
+                data[0] ^= 0x40;
+            }
+            let frame = Chunk {
+                transfer: id,
+                index: i,
+                count: pieces.len() as u32,
+                data: &data,
+            }
+            .encode();
+            conn.publish(topics.down(&target, DownKind::Chunk), frame, false)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        conn.close().await;
+    });
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn chunks_sent(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| {
+            l.split_once(" chunk(s), ")
+                .map(|(a, _)| a.rsplit(' ').next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no chunk count in:\n{output}"))
+}
+
+#[test]
+fn happy_path_activates_confirms_and_reports() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let _edge = start_edge(dir.path(), &broker, "cam1", &[], "confirm_after_s = 2");
+    let s = online_with(&w, "cam1", 1);
+    assert_eq!(s.active.as_ref().unwrap().id, "neu-edge");
+    let (ok, out) = publish(
+        &broker,
+        &f.p("v2.edgepkg"),
+        &[
+            "--to",
+            "device:cam1",
+            "--verify-with",
+            &f.p("keys/fleet.pub"),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("cam1: activated"), "{out}");
+    let s = w.wait_status("cam1", T, |s| active_version(s) == Some(2));
+    assert_eq!(
+        s.previous.iter().map(|m| m.version).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(s.on_trial, "a fresh model starts on trial: {s:#?}");
+    let s = w.wait_status("cam1", T, |s| !s.on_trial);
+    assert_eq!(active_version(&s), Some(2));
+    assert!(s.last_event.unwrap().contains("activated neu-edge v2"));
+    // Publishing the same package again is a no-op that still answers.
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(ok, "{out}");
+    assert_eq!(chunks_sent(&out), 0, "{out}");
+}
+
+#[test]
+fn refusals_wrong_key_corrupt_truncated_downgrade() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let edge = start_edge(dir.path(), &broker, "cam1", &[], "");
+    online_with(&w, "cam1", 1);
+
+    // Signed by a key the device does not trust.
+    let (ok, out) = publish(&broker, &f.p("rogue-v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(
+        !ok && out.contains("not signed by any of the 1 trusted key(s)"),
+        "{out}"
+    );
+    // The publisher's own check catches it before sending, too.
+    let (ok, out) = publish(
+        &broker,
+        &f.p("rogue-v2.edgepkg"),
+        &[
+            "--to",
+            "device:cam1",
+            "--verify-with",
+            &f.p("keys/fleet.pub"),
+        ],
+    );
+    assert!(!ok && out.contains("signature check failed"), "{out}");
+
+    // A flipped byte in the package's weights (the manifest and its signature intact).
+    let mut bytes = std::fs::read(f.path("v2.edgepkg")).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x01;
+    let corrupt = dir.path().join("corrupt.edgepkg");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let (ok, out) = publish(
+        &broker,
+        &corrupt.display().to_string(),
+        &["--to", "device:cam1"],
+    );
+    assert!(!ok && out.contains("differs from the manifest"), "{out}");
+
+    // Truncated package file: the offer's size contradicts the signed manifest.
+    let truncated = dir.path().join("truncated.edgepkg");
+    std::fs::write(&truncated, &bytes[..n - 5000]).unwrap();
+    let (ok, out) = publish(
+        &broker,
+        &truncated.display().to_string(),
+        &["--to", "device:cam1"],
+    );
+    assert!(!ok && out.contains("differs from the manifest's"), "{out}");
+
+    let s = w.wait_status("cam1", T, |s| {
+        s.last_event
+            .as_deref()
+            .is_some_and(|e| e.contains("differs"))
+    });
+    assert_eq!(active_version(&s), Some(1), "{s:#?}");
+
+    // A validly signed but older package: no downgrade by replay.
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = publish(&broker, &f.p("v1.edgepkg"), &["--to", "device:cam1"]);
+    assert!(
+        !ok && out.contains("downgrade: v1 is not newer than the active v2"),
+        "{out}"
+    );
+    let s = w.wait_status("cam1", T, |s| active_version(s) == Some(2));
+    assert!(s.last_event.unwrap().contains("downgrade"));
+    drop(edge);
+}
+
+#[test]
+fn flipped_chunk_is_asked_again_and_dead_publisher_resumes() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let edge = start_edge(dir.path(), &broker, "cam1", &[], "");
+    online_with(&w, "cam1", 1);
+    let package = Package::read(&f.path("v2.edgepkg")).unwrap();
+    let chunk = 64 << 10;
+    let count = package.weights.len().div_ceil(chunk) as u32;
+    // A publisher sends the offer and the first half, chunk 3 corrupted in transit, then dies.
+    let half: Vec<u32> = (0..count / 2).collect();
+    send_raw(&broker, &package, "device:cam1", chunk, &half, Some(3));
+    let r = w
+        .wait::<Report>("/cam1/report", T, |r| r.missing == vec![[3, 3]])
+        .expect("the device asks for the corrupted chunk again");
+    assert_eq!(r.state, ReportState::Receiving);
+    assert!(edge.log().contains("digest mismatch"), "{}", edge.log());
+    // The next publisher sends only what is missing: chunk 3 and the second half.
+    let (ok, out) = publish(
+        &broker,
+        &f.p("v2.edgepkg"),
+        &["--to", "device:cam1", "--chunk-kib", "64"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(chunks_sent(&out), (count - count / 2 + 1) as u64, "{out}");
+    online_with(&w, "cam1", 2);
+}
+
+/// Sends the big package in small chunks; `interrupt` runs once the device holds some of it.
+fn interrupted_transfer(
+    interrupt: impl FnOnce(&mut Broker, &mut Edge),
+) -> (String, Edge, Watcher, Broker, tempfile::TempDir) {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let mut edge = start_edge(dir.path(), &broker, "cam1", &[], "");
+    online_with(&w, "cam1", 1);
+    let addr = broker.addr();
+    let pkg = f.p("v3-big.edgepkg");
+    let publisher = std::thread::spawn(move || {
+        e2e::run(
+            "trainer",
+            &[
+                "publish",
+                &pkg,
+                "--broker",
+                &addr,
+                "--site",
+                "test",
+                "--to",
+                "device:cam1",
+                "--chunk-kib",
+                "16",
+                "--timeout",
+                "90",
+            ],
+        )
+    });
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.state == ReportState::Receiving && r.have >= 200
+    })
+    .expect("transfer under way");
+    interrupt(&mut broker, &mut edge);
+    let (ok, out) = publisher.join().unwrap();
+    assert!(ok, "{out}\n--- edge log ---\n{}", edge.log());
+    let s = w.wait_status("cam1", T, |s| s.online && active_version(s) == Some(3));
+    assert_eq!(s.previous[0].version, 1);
+    (out, edge, w, broker, dir)
+}
+
+#[test]
+fn edge_killed_mid_transfer_resumes_where_it_was() {
+    let (out, edge, _w, _b, _dir) = interrupted_transfer(|_, edge| {
+        edge.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        edge.restart();
+    });
+    let log = edge.log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming transfer"))
+        .unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    let have: u32 = resumed
+        .split(": ")
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(have >= 150, "{resumed}");
+    let count = (std::fs::metadata(fixture().path("m3.safetensors"))
+        .unwrap()
+        .len())
+    .div_ceil(16 << 10);
+    // Not started over: the chunks re-sent are far fewer than a second full transfer.
+    assert!(chunks_sent(&out) < 2 * count, "{out}");
+}
+
+#[test]
+fn broker_restart_mid_transfer_recovers() {
+    let (out, edge, _w, _b, _dir) = interrupted_transfer(|broker, _| {
+        broker.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        broker.restart();
+    });
+    assert!(out.contains("cam1: activated"), "{out}\n{}", edge.log());
+}
+
+#[test]
+fn failing_self_test_keeps_the_previous_model() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let _edge = start_edge(dir.path(), &broker, "cam1", &[], "");
+    online_with(&w, "cam1", 1);
+    // A package whose model does not give what its golden samples expect (validly signed).
+    let good = Package::read(&f.path("v2.edgepkg")).unwrap();
+    let mut manifest = Manifest::from_json(&good.manifest_bytes).unwrap();
+    manifest.golden[0]
+        .expected
+        .push(protocol::package::ExpectedDetection {
+            class: "scratches".into(),
+            score: 0.9,
+            bbox: [10.0, 10.0, 60.0, 190.0],
+        });
+    let key = read_signing_key(&f.fleet_key).unwrap();
+    let bad = Package::build(&manifest, good.weights.clone(), &key).unwrap();
+    let path = dir.path().join("bad-golden.edgepkg");
+    bad.write(&path).unwrap();
+    let (ok, out) = publish(
+        &broker,
+        &path.display().to_string(),
+        &["--to", "device:cam1"],
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("cam1: failed (self-test failed, kept v1: golden sample crazing_1.jpg: expected scratches"), "{out}");
+    let s = w.wait_status("cam1", T, |s| {
+        s.last_event
+            .as_deref()
+            .is_some_and(|e| e.contains("self-test"))
+    });
+    assert_eq!(active_version(&s), Some(1));
+    assert!(s.previous.is_empty(), "{s:#?}");
+}
+
+#[test]
+fn crash_loop_after_a_switch_rolls_back() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let mut edge = start_edge(
+        dir.path(),
+        &broker,
+        "cam1",
+        &[],
+        "confirm_after_s = 600\nmax_trial_boots = 2",
+    );
+    online_with(&w, "cam1", 1);
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(ok, "{out}");
+    // The daemon dies again and again before the new model is confirmed.
+    for boot in 1..=3 {
+        edge.kill9();
+        edge.restart();
+        if boot < 3 {
+            std::thread::sleep(Duration::from_millis(1500));
+            assert!(
+                edge.log().matches("active model neu-edge v2").count() >= boot,
+                "{}",
+                edge.log()
+            );
+        }
+    }
+    let s = w.wait_status("cam1", T, |s| s.online && active_version(s) == Some(1));
+    let event = s.last_event.unwrap();
+    assert!(
+        event.contains("rolled back from v2 to v1: crash loop: 3 starts"),
+        "{event}"
+    );
+    assert!(!s.on_trial);
+}
+
+#[test]
+fn rollback_command_is_signed_and_not_replayable() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let _edge = start_edge(dir.path(), &broker, "cam1", &["canary"], "");
+    online_with(&w, "cam1", 1);
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "group:canary"]);
+    assert!(ok, "{out}");
+    online_with(&w, "cam1", 2);
+
+    // A command signed with an untrusted key does nothing.
+    let addr = broker.addr();
+    run_ok(
+        "trainer",
+        &[
+            "rollback",
+            "--to",
+            "device:cam1",
+            "--key",
+            &f.p("keys/rogue.key"),
+            "--broker",
+            &addr,
+            "--site",
+            "test",
+        ],
+    );
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("not signed"))
+    })
+    .expect("rogue command refused");
+    run_ok(
+        "trainer",
+        &[
+            "rollback",
+            "--to",
+            "group:canary",
+            "--key",
+            &f.p("keys/fleet.key"),
+            "--broker",
+            &addr,
+            "--site",
+            "test",
+        ],
+    );
+    let s = online_with(&w, "cam1", 1);
+    assert!(
+        s.last_event
+            .unwrap()
+            .contains("rolled back from v2 to v1: rollback command")
+    );
+
+    // Replaying the captured command is refused.
+    let captured = w
+        .wait::<protocol::SignedCommand>("/down/group/canary/command", T, |c| {
+            c.command.contains("rollback")
+        })
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
+            .options("replayer")
+            .unwrap();
+        let mut conn = protocol::mqtt::Connection::start(options, vec![]);
+        conn.wait_connected(T).await.unwrap();
+        conn.publish(
+            "edgeinsp/test/down/device/cam1/command".into(),
+            captured.encode(),
+            false,
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        conn.close().await;
+    });
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.reason.as_deref().is_some_and(|x| x.contains("replayed"))
+    })
+    .expect("replayed command refused");
+    // Going forward again is an ordinary rollout.
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(ok, "{out}");
+    online_with(&w, "cam1", 2);
+}
+
+#[test]
+fn canary_group_goes_first_and_a_failure_halts_the_rollout() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    // The canary device accepts packages up to 10 MiB only: the big one fails there.
+    let _c = start_edge(
+        dir.path(),
+        &broker,
+        "canary1",
+        &["canary", "line"],
+        "max_package_mb = 10",
+    );
+    let cam2 = start_edge(dir.path(), &broker, "cam2", &["line"], "");
+    online_with(&w, "canary1", 1);
+    online_with(&w, "cam2", 1);
+    let (ok, out) = publish(
+        &broker,
+        &f.p("v2.edgepkg"),
+        &["--to", "group:line", "--canary", "group:canary"],
+    );
+    assert!(ok, "{out}");
+    let canary_at = out.find("group:canary: offering").expect("canary stage");
+    let line_at = out.find("group:line: offering").expect("main stage");
+    assert!(canary_at < line_at, "{out}");
+    assert!(
+        out.contains("to 1 device(s): cam2"),
+        "the canary is not served twice: {out}"
+    );
+    online_with(&w, "canary1", 2);
+    online_with(&w, "cam2", 2);
+
+    let (ok, out) = publish(
+        &broker,
+        &f.p("v3-big.edgepkg"),
+        &["--to", "group:line", "--canary", "group:canary"],
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("canary failed: rollout of v3 halted"), "{out}");
+    assert!(out.contains("too large"), "{out}");
+    assert!(!out.contains("group:line: offering"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(active_version(&w.status("cam2").unwrap()), Some(2));
+    assert!(
+        !cam2.log().contains("receiving neu-edge v3"),
+        "{}",
+        cam2.log()
+    );
+}
+
+#[test]
+fn tls_with_client_certificate_and_password() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A CA, a server certificate for 127.0.0.1/localhost, a client certificate.
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let named = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.distinguished_name = named("edge test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name = named(name);
+        params.extended_key_usages = vec![if name == "server" {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(d.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(d.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    std::fs::write(d.join("ca.crt"), ca.pem()).unwrap();
+    leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
+    leaf(vec![], "client");
+    let passwd = d.join("passwd");
+    let status = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["fleet", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(status.success());
+    let port = e2e::free_port();
+    let listener = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        passwd.display(),
+        d.join("ca.crt").display(),
+        d.join("server.crt").display(),
+        d.join("server.key").display()
+    );
+    let broker = Broker::start_with(d, port, &listener);
+    let tls_config = |user: &str, pass: &str| protocol::mqtt::BrokerConfig {
+        host: "localhost".into(),
+        port,
+        username: Some(user.into()),
+        password: Some(pass.into()),
+        tls: Some(protocol::mqtt::TlsFiles {
+            ca: d.join("ca.crt"),
+            cert: Some(d.join("client.crt")),
+            key: Some(d.join("client.key")),
+        }),
+        keep_alive_s: 2,
+    };
+    let w = Watcher::start_with(tls_config("fleet", "s3cret"));
+    let config = format!(
+        r#"[device]
+id = "cam1"
+site = "test"
+line = "line1"
+
+[storage]
+dir = "state"
+
+[mqtt]
+host = "localhost"
+port = {port}
+username = "fleet"
+password = "s3cret"
+tls = {{ ca = "{ca}", cert = "{cert}", key = "{key}" }}
+
+[models]
+trusted_keys = ["{trusted}"]
+factory = "{factory}"
+"#,
+        ca = d.join("ca.crt").display(),
+        cert = d.join("client.crt").display(),
+        key = d.join("client.key").display(),
+        trusted = f.fleet_pub,
+        factory = f.path("v1.edgepkg").display()
+    );
+    let edge = Edge::start(d, "cam1", &config);
+    online_with(&w, "cam1", 1);
+    let tls_args = |pass: &str| {
+        vec![
+            "publish".to_string(),
+            f.p("v2.edgepkg"),
+            "--broker".into(),
+            format!("localhost:{port}"),
+            "--site".into(),
+            "test".into(),
+            "--to".into(),
+            "device:cam1".into(),
+            "--timeout".into(),
+            "30".into(),
+            "--username".into(),
+            "fleet".into(),
+            "--password".into(),
+            pass.into(),
+            "--tls-ca".into(),
+            d.join("ca.crt").display().to_string(),
+            "--tls-cert".into(),
+            d.join("client.crt").display().to_string(),
+            "--tls-key".into(),
+            d.join("client.key").display().to_string(),
+        ]
+    };
+    // A wrong password is refused by the broker.
+    let args = tls_args("wrong");
+    let (ok, out) = run(
+        "trainer",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!ok && out.contains("no connection to the broker"), "{out}");
+    let args = tls_args("s3cret");
+    let (ok, out) = run(
+        "trainer",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(ok, "{out}\n{}", edge.log());
+    online_with(&w, "cam1", 2);
+    drop(broker);
+}
