@@ -572,6 +572,11 @@ impl Daemon {
             || t.last_report.elapsed() > Duration::from_secs(2)
         {
             t.last_report = Instant::now();
+            // sled flushes on its own every 500 ms; at each progress step make what arrived
+            // durable, so a kill -9 loses at most one step.
+            if let Err(e) = self.db.flush() {
+                tracing::error!("transfer store flush: {e}");
+            }
             let report = Report {
                 have: t.have_count,
                 missing: vec![],

@@ -1,0 +1,47 @@
+//! The documented example config loads, and bad configs fail naming the key.
+
+use std::path::Path;
+
+use edge::config::EdgeConfig;
+
+#[test]
+fn documented_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/edge.toml");
+    let config = EdgeConfig::load(&path).unwrap();
+    assert_eq!(config.device.id, "cam-01");
+    assert_eq!(config.models.keep, 3);
+    assert!(config.mqtt.unwrap().tls.is_some());
+}
+
+fn load(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, text).unwrap();
+    match EdgeConfig::load(&path) {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+const KEY: &str = "d128a205774d84cd3c797ee1e23a1705a38afb4acb05b501e59db8df939c85d6";
+
+#[test]
+fn bad_configs_name_the_key() {
+    let good = format!(
+        "[device]\nid = \"a\"\nsite = \"s\"\nline = \"l\"\n[storage]\ndir = \"x\"\n[models]\ntrusted_keys = [\"{KEY}\"]\n"
+    );
+    assert_eq!(load(&good), "ok");
+    let unknown = good.replace("[storage]", "colour = \"red\"\n[storage]");
+    let e = load(&unknown);
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = load(&good.replace("id = \"a\"", "id = \"a/b\""));
+    assert!(e.contains("device.id `a/b`"), "{e}");
+    let e = load(&good.replace(KEY, "12ab"));
+    assert!(e.contains("models.trusted_keys[0]"), "{e}");
+    let e = load(&good.replace("[models]\n", "[models]\nkeep = 1\n"));
+    assert!(e.contains("models.keep"), "{e}");
+    let e = load(&good.replace("[models]\n", "[models]\nkeep = \"three\"\n"));
+    assert!(e.contains("keep"), "{e}");
+    let e = load(&good.replace("[storage]\ndir = \"x\"\n", ""));
+    assert!(e.contains("missing field `storage`"), "{e}");
+}
