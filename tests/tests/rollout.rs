@@ -433,7 +433,8 @@ fn edge_killed_mid_transfer_resumes_where_it_was() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(have >= 150, "{resumed}");
+    // Flushed at every 10% step (140 chunks here): at least one step survived the kill.
+    assert!(have >= 140, "{resumed}");
     let count = (std::fs::metadata(fixture().path("m3.safetensors"))
         .unwrap()
         .len())
@@ -511,12 +512,12 @@ fn crash_loop_after_a_switch_rolls_back() {
         edge.kill9();
         edge.restart();
         if boot < 3 {
-            std::thread::sleep(Duration::from_millis(1500));
-            assert!(
-                edge.log().matches("active model neu-edge v2").count() >= boot,
-                "{}",
-                edge.log()
-            );
+            // Let it come up on the trial model before it "crashes" again.
+            let until = std::time::Instant::now() + T;
+            while edge.log().matches("active model neu-edge v2").count() < boot {
+                assert!(std::time::Instant::now() < until, "{}", edge.log());
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
     let s = w.wait_status("cam1", T, |s| s.online && active_version(s) == Some(1));
