@@ -4,3 +4,5 @@ pub mod detector;
 pub mod device;
 pub mod models;
 pub mod selftest;
+pub mod source;
+pub mod synth;

@@ -181,7 +181,7 @@ fn publish(broker: &Broker, pkg: &str, id: &str, chunk_kib: usize) -> String {
             "--chunk-kib",
             &chunk_kib.to_string(),
         ],
-    );
+    )
 }
 
 /// Seconds between "receiving" and "staged" in an edge log (its timestamps).
