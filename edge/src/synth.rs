@@ -254,3 +254,37 @@ pub fn generate(class_id: usize, rng: &mut StdRng) -> (GrayImage, Vec<DrawnDefec
     let image = GrayImage::from_raw(SIZE, SIZE, raw).expect("buffer matches size");
     (image, defects)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn generation_is_deterministic_and_marks_pixels_inside_boxes() {
+        let (a, da) = generate(5, &mut StdRng::seed_from_u64(3));
+        let (b, db) = generate(5, &mut StdRng::seed_from_u64(3));
+        assert_eq!(a, b);
+        assert_eq!(da, db);
+        let clean = GrayImage::from_raw(SIZE, SIZE, {
+            let mut rng = StdRng::seed_from_u64(3);
+            steel_background(&mut rng)
+                .iter()
+                .map(|v| v.round().clamp(0.0, 255.0) as u8)
+                .collect()
+        })
+        .unwrap();
+        // Every changed pixel lies inside some box.
+        for (x, y, p) in a.enumerate_pixels() {
+            if p != clean.get_pixel(x, y) {
+                let inside = da.iter().any(|d| {
+                    (x as f32) >= d.bbox[0]
+                        && (x as f32) < d.bbox[2]
+                        && (y as f32) >= d.bbox[1]
+                        && (y as f32) < d.bbox[3]
+                });
+                assert!(inside, "pixel {x},{y} changed outside every box");
+            }
+        }
+    }
+}
