@@ -17,6 +17,75 @@ pub struct EdgeConfig {
     #[serde(default)]
     pub mqtt: Option<BrokerConfig>,
     pub models: ModelsSection,
+    /// Where frames come from; absent: the daemon only manages models.
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    #[serde(default)]
+    pub pipeline: crate::pipeline::PipelineConfig,
+    #[serde(default)]
+    pub rules: crate::pipeline::Rules,
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
+}
+
+/// Frame sources, chosen by `kind`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Replays JPEG/PNG/BMP files from a folder (sorted by name).
+    Folder {
+        path: PathBuf,
+        /// Frames per second; 0: as fast as the pipeline takes them.
+        #[serde(default)]
+        fps: f64,
+        /// Start again after the last file.
+        #[serde(default, rename = "loop")]
+        looped: bool,
+    },
+    /// A synthetic steel strip with NEU-style defects at known positions.
+    Synthetic {
+        /// Strip width in 200-pixel tiles.
+        #[serde(default = "one")]
+        tiles: usize,
+        /// Lines per frame and lines shared by consecutive frames.
+        #[serde(default = "two_hundred")]
+        frame_height: usize,
+        #[serde(default)]
+        overlap: usize,
+        /// Probability that a 200x200 tile carries defects.
+        #[serde(default = "defect_rate")]
+        defect_rate: f64,
+        #[serde(default)]
+        seed: u64,
+        #[serde(default)]
+        fps: f64,
+        /// Stop after this many frames (absent: endless).
+        #[serde(default)]
+        frames: Option<u64>,
+    },
+    /// A V4L2/UVC camera (needs the cargo feature `camera`).
+    Camera {
+        /// Device index (/dev/videoN).
+        #[serde(default)]
+        index: u32,
+        width: u32,
+        height: u32,
+        #[serde(default = "thirty")]
+        fps: u32,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+fn two_hundred() -> usize {
+    200
+}
+fn defect_rate() -> f64 {
+    0.3
+}
+fn thirty() -> u32 {
+    30
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -95,6 +164,9 @@ impl EdgeConfig {
         if let Some(f) = &config.models.factory {
             config.models.factory = Some(base.join(f));
         }
+        if let Some(SourceConfig::Folder { path: p, .. }) = config.source.as_mut() {
+            *p = base.join(&*p);
+        }
         if let Some(tls) = config.mqtt.as_mut().and_then(|m| m.tls.as_mut()) {
             tls.ca = base.join(&tls.ca);
             tls.cert = tls.cert.as_ref().map(|c| base.join(c));
@@ -119,6 +191,15 @@ impl EdgeConfig {
         }
         if self.models.max_package_mb == 0 {
             return Err("models.max_package_mb: must be positive".into());
+        }
+        if self.pipeline.max_batch == 0 || self.pipeline.queue == 0 {
+            return Err("pipeline.max_batch and pipeline.queue: must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.rules.min_score) {
+            return Err(format!(
+                "rules.min_score {}: must be within 0..1",
+                self.rules.min_score
+            ));
         }
         if self.models.max_trial_boots == 0 {
             return Err("models.max_trial_boots: must be at least 1".into());

@@ -16,10 +16,13 @@ use protocol::{
 };
 use rumqttc::{AsyncClient, LastWill, QoS};
 
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, SourceConfig};
 use crate::detector::Detector;
 use crate::models::{Installed, ModelStore};
+use crate::pipeline::{BoundedQueue, Decision, PipelineStats};
 use crate::selftest;
+use crate::source::{FolderSource, FrameSource, SourceError, SyntheticStrip};
+use crate::store::VerdictStore;
 
 pub const EDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -67,6 +70,9 @@ pub struct Daemon {
     device: Device,
     client: Option<AsyncClient>,
     trial_deadline: Option<tokio::time::Instant>,
+    pub verdicts: Arc<VerdictStore>,
+    pub stats: Arc<PipelineStats>,
+    outbox_notify: Arc<tokio::sync::Notify>,
 }
 
 fn new_report(device: &str, transfer: &str, version: Option<u64>, state: ReportState) -> Report {
@@ -98,7 +104,14 @@ impl Daemon {
         std::fs::create_dir_all(&config.storage.dir)?;
         let mut store = ModelStore::open(&config.storage.dir.join("models"), config.models.keep)?;
         let db = sled::open(config.storage.dir.join("transfers.sled"))?;
+        let verdicts = Arc::new(VerdictStore::open(
+            &config.storage.dir.join("verdicts.sled"),
+            config.store.clone(),
+        )?);
         let mut daemon = Self {
+            verdicts,
+            stats: Arc::new(PipelineStats::default()),
+            outbox_notify: Arc::new(tokio::sync::Notify::new()),
             trusted,
             topics,
             transfers: db.open_tree("transfers")?,
@@ -809,6 +822,12 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        // The source is opened first: a missing camera or folder stops the daemon right here.
+        let inspection = match self.config.source.clone() {
+            Some(cfg) => Some(self.start_inspection(open_source(&cfg)?)?),
+            None => None,
+        };
+        let outbox = self.start_outbox()?;
         let mut conn = match self.config.mqtt.clone() {
             Some(broker) => {
                 let d = &self.config.device;
@@ -871,6 +890,13 @@ impl Daemon {
                 }
             }
         }
+        if let Some(inspection) = inspection {
+            inspection.stop().await;
+        }
+        if let Some(outbox) = outbox {
+            outbox.drain(Duration::from_secs(5)).await;
+        }
+        let _ = self.verdicts.flush();
         let _ = self.db.flush_async().await;
         if let Some(conn) = conn {
             let topic = self.up_topic(UpKind::Status);
@@ -882,5 +908,265 @@ impl Daemon {
             conn.close().await;
         }
         Ok(())
+    }
+}
+
+/// Opens the configured source; a source that cannot work is an error naming it.
+pub fn open_source(config: &SourceConfig) -> anyhow::Result<Box<dyn FrameSource>> {
+    let fatal = |e: SourceError| anyhow::anyhow!("source: {e}");
+    Ok(match config {
+        SourceConfig::Folder { path, fps, looped } => {
+            Box::new(FolderSource::new(path, *fps, *looped).map_err(fatal)?)
+        }
+        SourceConfig::Synthetic {
+            tiles,
+            frame_height,
+            overlap,
+            defect_rate,
+            seed,
+            fps,
+            frames,
+        } => Box::new(
+            SyntheticStrip::new(
+                *tiles,
+                *frame_height,
+                *overlap,
+                *defect_rate,
+                *seed,
+                *fps,
+                *frames,
+            )
+            .map_err(fatal)?,
+        ),
+        SourceConfig::Camera { index, .. } => anyhow::bail!(
+            "source: camera /dev/video{index}: this build has no camera support yet (V4L2 through nokhwa is the next step); use kind = \"folder\" or \"synthetic\""
+        ),
+    })
+}
+
+/// The running inspection threads.
+struct Inspection {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    queue: Arc<BoundedQueue<crate::source::Frame>>,
+    source: std::thread::JoinHandle<()>,
+    inference: std::thread::JoinHandle<()>,
+}
+
+impl Inspection {
+    /// Stops the source, lets the detector finish the queued frames, waits for both.
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.queue.close();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = self.source.join();
+            let _ = self.inference.join();
+        })
+        .await;
+    }
+}
+
+/// The verdict publisher task.
+struct Outbox {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    store: Arc<VerdictStore>,
+}
+
+impl Outbox {
+    /// Gives pending verdicts up to `grace` to go out, then stops.
+    async fn drain(self, grace: Duration) {
+        let until = Instant::now() + grace;
+        while self.store.pending() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+impl Daemon {
+    fn start_inspection(&self, mut source: Box<dyn FrameSource>) -> anyhow::Result<Inspection> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        tracing::info!("source: {}", source.describe());
+        let pipeline = self.config.pipeline.clone();
+        let rules = self.config.rules.clone();
+        let queue = Arc::new(BoundedQueue::new(pipeline.queue, pipeline.on_full));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = self.stats.clone();
+        let source_thread = {
+            let (queue, stop, stats) = (queue.clone(), stop.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("source".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        match source.next_frame() {
+                            Ok(Some(frame)) => {
+                                stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                                if let Some(old) = queue.push(frame) {
+                                    tracing::warn!("queue full: dropped frame {}", old.seq);
+                                }
+                            }
+                            Ok(None) => {
+                                tracing::info!("source finished");
+                                break;
+                            }
+                            Err(SourceError::BadFrame(e)) => {
+                                stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!("bad frame skipped: {e}");
+                            }
+                            Err(SourceError::Fatal(e)) => {
+                                tracing::error!("source failed: {e}");
+                                break;
+                            }
+                        }
+                    }
+                    queue.close();
+                })?
+        };
+        let inference = {
+            let (queue, active, store) =
+                (queue.clone(), self.active.clone(), self.verdicts.clone());
+            let device = self.config.device.id.clone();
+            let notify = self.outbox_notify.clone();
+            std::thread::Builder::new()
+                .name("inference".into())
+                .spawn(move || {
+                    crate::pipeline::run_inference(
+                        &pipeline,
+                        &rules,
+                        &queue,
+                        &active,
+                        &stats,
+                        |d: Decision| {
+                            let id = match store.next_id() {
+                                Ok(id) => id,
+                                Err(e) => {
+                                    tracing::error!("{e}");
+                                    return;
+                                }
+                            };
+                            let verdict = protocol::Verdict {
+                                id,
+                                device: device.clone(),
+                                frame: d.frame.seq,
+                                line: d.frame.line,
+                                origin: d.frame.origin.clone(),
+                                width: d.frame.image.width(),
+                                height: d.frame.image.height(),
+                                captured_ms: d.frame.captured_ms,
+                                decided_ms: crate::source::now_ms(),
+                                latency_ms: d.latency_ms,
+                                pass: d.pass,
+                                defects: d.defects,
+                                model: d.model,
+                            };
+                            if let Err(e) = store.record(&verdict, &d.frame.image) {
+                                tracing::error!("verdict {} not stored: {e}", verdict.id);
+                                return;
+                            }
+                            tracing::info!(
+                                "verdict {} frame {} line {}: {} ({} failing defects, {:.0} ms)",
+                                verdict.id,
+                                verdict.frame,
+                                verdict.line,
+                                if verdict.pass { "PASS" } else { "FAIL" },
+                                verdict.defects.iter().filter(|x| x.fails).count(),
+                                verdict.latency_ms
+                            );
+                            notify.notify_one();
+                        },
+                    );
+                })?
+        };
+        Ok(Inspection {
+            stop,
+            queue,
+            source: source_thread,
+            inference,
+        })
+    }
+
+    /// Publishes stored verdicts in order over their own MQTT session, one at a time: a
+    /// verdict leaves the outbox only when the broker has acknowledged it (QoS 1), so a broker
+    /// outage or a crash delays verdicts but loses none (a consumer may see one twice after a
+    /// crash and deduplicates on the id).
+    fn start_outbox(&self) -> anyhow::Result<Option<Outbox>> {
+        let Some(broker) = self.config.mqtt.clone() else {
+            return Ok(None);
+        };
+        let d = &self.config.device;
+        let mut options = broker.options(&format!("edge-{}-{}-verdicts", d.site, d.id))?;
+        options.set_clean_session(false);
+        let (mut conn, mut acks) = Connection::start_with_acks(options, vec![]);
+        let topic = self.up_topic(UpKind::Verdict);
+        let store = self.verdicts.clone();
+        let notify = self.outbox_notify.clone();
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let task = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    let next = match store.next_pending() {
+                        Ok(n) => n,
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    };
+                    let Some((id, payload)) = next else {
+                        tokio::select! {
+                            _ = notify.notified() => {}
+                            _ = stop.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    };
+                    if conn.wait_connected(Duration::from_secs(1)).await.is_err() {
+                        continue;
+                    }
+                    while acks.try_recv().is_ok() {}
+                    if conn
+                        .client
+                        .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+                        let mut pkid = None;
+                        while let Some(ev) = acks.recv().await {
+                            match ev {
+                                protocol::mqtt::AckEvent::Sent(p) if pkid.is_none() => {
+                                    pkid = Some(p)
+                                }
+                                protocol::mqtt::AckEvent::Acked(p) if Some(p) == pkid => {
+                                    return true;
+                                }
+                                _ => {}
+                            }
+                        }
+                        false
+                    })
+                    .await;
+                    if acked == Ok(true) {
+                        if let Err(e) = store.delivered(id) {
+                            tracing::error!("{e}");
+                        }
+                    } else {
+                        tracing::warn!("verdict {id}: no acknowledgement yet, sending again");
+                    }
+                }
+                conn.close().await;
+            })
+        };
+        Ok(Some(Outbox {
+            task,
+            stop: stop_tx,
+            store,
+        }))
     }
 }

@@ -3,6 +3,8 @@ pub mod daemon;
 pub mod detector;
 pub mod device;
 pub mod models;
+pub mod pipeline;
 pub mod selftest;
 pub mod source;
+pub mod store;
 pub mod synth;

@@ -15,8 +15,8 @@ pub mod rollout;
 pub mod topics;
 
 pub use messages::{
-    Chunk, Command, CommandAction, Complete, ModelRef, Offer, Report, ReportState, SignedCommand,
-    Status,
+    Chunk, Command, CommandAction, Complete, Defect, ModelRef, Offer, Report, ReportState,
+    SignedCommand, Status, Verdict,
 };
 pub use package::{GoldenSample, Manifest, Package, SigningKey, VerifyingKey};
 pub use topics::{Target, Topics};

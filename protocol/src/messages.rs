@@ -192,6 +192,46 @@ impl Message for Status {
     const KIND: &'static str = "status";
 }
 
+/// One detection in a verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defect {
+    pub class: String,
+    pub score: f32,
+    /// `[x1, y1, x2, y2]` in frame pixels.
+    pub bbox: [f32; 4],
+    /// Whether this detection made the frame fail (the decision rules).
+    pub fails: bool,
+}
+
+/// The decision about one frame, on `.../{device}/verdict`. `id` is unique per device and
+/// increases across restarts: consumers deduplicate on (device, id).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verdict {
+    pub id: u64,
+    pub device: String,
+    /// Source sequence number of the frame.
+    pub frame: u64,
+    /// Strip position of the frame's first line (line-scan sources).
+    pub line: u64,
+    pub origin: String,
+    pub width: u32,
+    pub height: u32,
+    pub captured_ms: u64,
+    pub decided_ms: u64,
+    /// Detector stage time for this frame.
+    pub latency_ms: f64,
+    pub pass: bool,
+    pub defects: Vec<Defect>,
+    /// Model that judged the frame: (id, version).
+    pub model: Option<(String, u64)>,
+}
+
+impl Message for Verdict {
+    const KIND: &'static str = "verdict";
+}
+
 /// What a command asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -113,6 +113,16 @@ pub struct Incoming {
     pub retain: bool,
 }
 
+/// Delivery events for QoS 1 publishes, for callers that must know what the broker has
+/// (the verdict outbox).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckEvent {
+    /// A publish went out with this packet id.
+    Sent(u16),
+    /// The broker acknowledged this packet id.
+    Acked(u16),
+}
+
 /// A running connection: the client to publish and subscribe with, the incoming messages, and a
 /// watch that tells whether the broker link is up (it reconnects by itself).
 pub struct Connection {
@@ -126,10 +136,34 @@ impl Connection {
     /// Starts the event loop. `on_connect` subscriptions are (re)made on every connection, so
     /// a broker restart without persistence loses nothing we listen to.
     pub fn start(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
+        Self::start_inner(options, subscriptions, None)
+    }
+
+    /// Like [`Connection::start`], also reporting when publishes go out and are acknowledged.
+    pub fn start_with_acks(
+        options: MqttOptions,
+        subscriptions: Vec<(String, QoS)>,
+    ) -> (Connection, mpsc::UnboundedReceiver<AckEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self::start_inner(options, subscriptions, Some(tx)), rx)
+    }
+
+    fn start_inner(
+        options: MqttOptions,
+        subscriptions: Vec<(String, QoS)>,
+        acks: Option<mpsc::UnboundedSender<AckEvent>>,
+    ) -> Connection {
         let (client, eventloop) = AsyncClient::new(options, 256);
         let (tx, rx) = mpsc::channel(1024);
         let (up_tx, up_rx) = watch::channel(false);
-        let task = tokio::spawn(drive(eventloop, client.clone(), subscriptions, tx, up_tx));
+        let task = tokio::spawn(drive(
+            eventloop,
+            client.clone(),
+            subscriptions,
+            tx,
+            up_tx,
+            acks,
+        ));
         Connection {
             client,
             incoming: rx,
@@ -175,6 +209,7 @@ async fn drive(
     subscriptions: Vec<(String, QoS)>,
     tx: mpsc::Sender<Incoming>,
     up: watch::Sender<bool>,
+    acks: Option<mpsc::UnboundedSender<AckEvent>>,
 ) {
     let mut logged_down = false;
     loop {
@@ -205,6 +240,16 @@ async fn drive(
                     .is_err()
                 {
                     return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                if let Some(a) = &acks {
+                    let _ = a.send(AckEvent::Sent(pkid));
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(a) = &acks {
+                    let _ = a.send(AckEvent::Acked(ack.pkid));
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

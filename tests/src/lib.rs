@@ -307,6 +307,16 @@ impl Watcher {
         }
     }
 
+    /// Every message of type `T` seen on topics ending in `suffix`, in arrival order.
+    pub fn all<T: Message>(&self, suffix: &str) -> Vec<T> {
+        let messages = self.messages.lock().expect("lock");
+        messages
+            .iter()
+            .filter(|(topic, _)| topic.ends_with(suffix))
+            .filter_map(|(_, payload)| T::decode(payload).ok())
+            .collect()
+    }
+
     /// The latest status a device published.
     pub fn status(&self, device: &str) -> Option<protocol::Status> {
         self.wait::<protocol::Status>(&format!("/{device}/status"), Duration::ZERO, |_| true)

@@ -1,0 +1,363 @@
+//! The verdict store (sled): every verdict is written, with its outbox entry, in one transaction
+//! and flushed to disk before it is published; defect crops and frames are kept as JPEG; old
+//! verdicts and images go by count, age and bytes. The outbox is never trimmed by retention:
+//! what was decided is delivered.
+
+use std::path::Path;
+
+use image::GrayImage;
+use protocol::Verdict;
+use protocol::messages::Message;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// Which frames are kept as JPEG for `/api/frames/{id}.jpg` (crops of failing defects are kept
+/// whenever the frame is not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepFrames {
+    None,
+    Failed,
+    All,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Verdicts kept (oldest go first).
+    #[serde(default = "default_max_verdicts")]
+    pub max_verdicts: u64,
+    /// Verdicts older than this go (days).
+    #[serde(default = "default_max_age_days")]
+    pub max_age_days: f64,
+    /// Bytes of JPEG frames and crops kept.
+    #[serde(default = "default_max_image_mb")]
+    pub max_image_mb: u64,
+    #[serde(default = "default_keep_frames")]
+    pub keep_frames: KeepFrames,
+    /// JPEG quality of stored frames and crops.
+    #[serde(default = "default_quality")]
+    pub jpeg_quality: u8,
+}
+
+fn default_max_verdicts() -> u64 {
+    1_000_000
+}
+fn default_max_age_days() -> f64 {
+    30.0
+}
+fn default_max_image_mb() -> u64 {
+    2048
+}
+fn default_keep_frames() -> KeepFrames {
+    KeepFrames::Failed
+}
+fn default_quality() -> u8 {
+    85
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_verdicts: default_max_verdicts(),
+            max_age_days: default_max_age_days(),
+            max_image_mb: default_max_image_mb(),
+            keep_frames: default_keep_frames(),
+            jpeg_quality: default_quality(),
+        }
+    }
+}
+
+pub struct VerdictStore {
+    db: sled::Db,
+    verdicts: sled::Tree,
+    outbox: sled::Tree,
+    /// key: verdict id (8 bytes BE) + kind (0 = frame, 1.. = crop n) -> JPEG.
+    images: sled::Tree,
+    meta: sled::Tree,
+    config: StoreConfig,
+}
+
+fn key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn image_key(id: u64, n: u16) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn jpeg(image: &GrayImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+    enc.encode_image(image).expect("encoding to memory");
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("verdict store: {0}")]
+pub struct StoreError(String);
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl VerdictStore {
+    pub fn open(path: &Path, config: StoreConfig) -> Result<Self, StoreError> {
+        let db = sled::open(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            verdicts: db.open_tree("verdicts")?,
+            outbox: db.open_tree("outbox")?,
+            images: db.open_tree("images")?,
+            meta: db.open_tree("meta")?,
+            db,
+            config,
+        })
+    }
+
+    /// A new verdict id: increasing, also across restarts and crashes.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Stores a verdict (and its images) durably and queues it for publishing.
+    pub fn record(&self, verdict: &Verdict, frame: &GrayImage) -> Result<(), StoreError> {
+        let bytes = verdict.encode();
+        let k = key(verdict.id);
+        (&self.verdicts, &self.outbox)
+            .transaction(|(v, o)| {
+                v.insert(&k, bytes.as_slice())?;
+                o.insert(&k, bytes.as_slice())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StoreError(format!("{e:?}")))?;
+        let keep_frame = match self.config.keep_frames {
+            KeepFrames::All => true,
+            KeepFrames::Failed => !verdict.pass,
+            KeepFrames::None => false,
+        };
+        let mut added = 0u64;
+        if keep_frame {
+            let data = jpeg(frame, self.config.jpeg_quality);
+            added += data.len() as u64;
+            self.images.insert(image_key(verdict.id, 0), data)?;
+        }
+        for (n, d) in verdict
+            .defects
+            .iter()
+            .filter(|d| d.fails)
+            .enumerate()
+            .take(32)
+        {
+            let pad = 8.0;
+            let x1 = (d.bbox[0] - pad).max(0.0) as u32;
+            let y1 = (d.bbox[1] - pad).max(0.0) as u32;
+            let x2 = ((d.bbox[2] + pad) as u32).min(frame.width());
+            let y2 = ((d.bbox[3] + pad) as u32).min(frame.height());
+            if x2 > x1 && y2 > y1 {
+                let crop = image::imageops::crop_imm(frame, x1, y1, x2 - x1, y2 - y1).to_image();
+                let data = jpeg(&crop, self.config.jpeg_quality);
+                added += data.len() as u64;
+                self.images
+                    .insert(image_key(verdict.id, n as u16 + 1), data)?;
+            }
+        }
+        if added > 0 {
+            self.meta.update_and_fetch("image_bytes", |old| {
+                let now = old
+                    .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                    .unwrap_or(0);
+                Some((now + added).to_be_bytes().to_vec())
+            })?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The oldest queued verdict.
+    pub fn next_pending(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.outbox.first()?.map(|(k, v)| {
+            (
+                u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+                v.to_vec(),
+            )
+        }))
+    }
+
+    /// The broker acknowledged the verdict: it leaves the outbox.
+    pub fn delivered(&self, id: u64) -> Result<(), StoreError> {
+        self.outbox.remove(key(id))?;
+        Ok(())
+    }
+
+    pub fn pending(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.verdicts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.verdicts.is_empty()
+    }
+
+    /// Verdicts with id > `since`, oldest first, at most `limit`.
+    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<Verdict>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self
+            .verdicts
+            .range(key(since.saturating_add(1))..)
+            .take(limit)
+        {
+            let (_, v) = entry?;
+            out.push(Verdict::decode(&v).map_err(|e| StoreError(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    pub fn frame_jpeg(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.images.get(image_key(id, 0))?.map(|v| v.to_vec()))
+    }
+
+    pub fn crop_jpeg(&self, id: u64, n: u16) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.images.get(image_key(id, n + 1))?.map(|v| v.to_vec()))
+    }
+
+    pub fn image_bytes(&self) -> u64 {
+        self.meta
+            .get("image_bytes")
+            .ok()
+            .flatten()
+            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0)
+    }
+
+    /// Applies retention (count, age, image bytes); returns verdicts removed.
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let max_age_ms = (self.config.max_age_days * 86_400_000.0) as u64;
+        let image_budget = self.config.max_image_mb << 20;
+        loop {
+            let Some((k, v)) = self.verdicts.first()? else {
+                break;
+            };
+            let too_many = self.verdicts.len() as u64 > self.config.max_verdicts;
+            let decided = Verdict::decode(&v).map(|v| v.decided_ms).unwrap_or(0);
+            let too_old = now_ms.saturating_sub(decided) > max_age_ms;
+            let too_big = self.image_bytes() > image_budget;
+            if !(too_many || too_old || too_big) {
+                break;
+            }
+            self.verdicts.remove(&k)?;
+            let mut freed = 0u64;
+            for entry in self.images.scan_prefix(&k) {
+                let (ik, iv) = entry?;
+                freed += iv.len() as u64;
+                self.images.remove(ik)?;
+            }
+            if freed > 0 {
+                self.meta.update_and_fetch("image_bytes", |old| {
+                    let now = old
+                        .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                        .unwrap_or(0);
+                    Some(now.saturating_sub(freed).to_be_bytes().to_vec())
+                })?;
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Defect;
+
+    fn verdict(id: u64, pass: bool, decided_ms: u64) -> Verdict {
+        Verdict {
+            id,
+            device: "cam".into(),
+            frame: id,
+            line: 0,
+            origin: "test".into(),
+            width: 64,
+            height: 64,
+            captured_ms: decided_ms,
+            decided_ms,
+            latency_ms: 1.0,
+            pass,
+            defects: vec![Defect {
+                class: "scratches".into(),
+                score: 0.9,
+                bbox: [10.0, 10.0, 30.0, 40.0],
+                fails: !pass,
+            }],
+            model: Some(("m".into(), 1)),
+        }
+    }
+
+    #[test]
+    fn record_publish_order_reopen_and_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * 3 + y) as u8]));
+        let config = StoreConfig {
+            max_verdicts: 3,
+            ..Default::default()
+        };
+        let ids: Vec<u64> = {
+            let store = VerdictStore::open(dir.path(), config.clone()).unwrap();
+            let ids: Vec<u64> = (0..5).map(|_| store.next_id().unwrap()).collect();
+            assert!(ids.windows(2).all(|w| w[1] > w[0]));
+            for (i, &id) in ids.iter().enumerate() {
+                store
+                    .record(&verdict(id, i % 2 == 0, 1000), &frame)
+                    .unwrap();
+            }
+            assert_eq!(store.pending(), 5);
+            let (first, _) = store.next_pending().unwrap().unwrap();
+            assert_eq!(first, ids[0]);
+            store.delivered(first).unwrap();
+            assert!(
+                store.frame_jpeg(ids[1]).unwrap().is_some(),
+                "failed frames are kept"
+            );
+            assert!(
+                store.frame_jpeg(ids[0]).unwrap().is_none(),
+                "passed frames are not"
+            );
+            assert!(store.crop_jpeg(ids[1], 0).unwrap().is_some());
+            ids
+        };
+        // Reopened (as after a restart): ids continue upwards, the outbox is intact.
+        let store = VerdictStore::open(dir.path(), config).unwrap();
+        assert!(store.next_id().unwrap() > ids[4]);
+        assert_eq!(store.pending(), 4);
+        assert_eq!(store.since(ids[2], 10).unwrap().len(), 2);
+        let before = store.image_bytes();
+        assert!(before > 0);
+        assert_eq!(store.enforce_retention(2000).unwrap(), 2);
+        assert_eq!(store.len(), 3);
+        assert!(
+            store.image_bytes() < before,
+            "images of removed verdicts are freed"
+        );
+        assert_eq!(
+            store.pending(),
+            4,
+            "retention never drops undelivered verdicts"
+        );
+        // Age.
+        assert_eq!(store.enforce_retention(1000 + 31 * 86_400_000).unwrap(), 3);
+    }
+}
