@@ -26,6 +26,16 @@ pub struct EdgeConfig {
     pub rules: crate::pipeline::Rules,
     #[serde(default)]
     pub store: crate::store::StoreConfig,
+    /// HTTP endpoints (health, metrics, verdicts, frames); absent: no HTTP server.
+    #[serde(default)]
+    pub http: Option<HttpSection>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to listen on, e.g. "0.0.0.0:8080".
+    pub listen: String,
 }
 
 /// Frame sources, chosen by `kind`.

@@ -73,6 +73,8 @@ pub struct Daemon {
     pub verdicts: Arc<VerdictStore>,
     pub stats: Arc<PipelineStats>,
     outbox_notify: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<crate::http::Metrics>,
+    queue_handle: Arc<std::sync::Mutex<Option<Arc<BoundedQueue<crate::source::Frame>>>>>,
 }
 
 fn new_report(device: &str, transfer: &str, version: Option<u64>, state: ReportState) -> Report {
@@ -112,6 +114,8 @@ impl Daemon {
             verdicts,
             stats: Arc::new(PipelineStats::default()),
             outbox_notify: Arc::new(tokio::sync::Notify::new()),
+            metrics: Arc::new(crate::http::Metrics::default()),
+            queue_handle: Default::default(),
             trusted,
             topics,
             transfers: db.open_tree("transfers")?,
@@ -828,6 +832,35 @@ impl Daemon {
             None => None,
         };
         let outbox = self.start_outbox()?;
+        let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+        let http = match self.config.http.clone() {
+            Some(h) => {
+                let listener = tokio::net::TcpListener::bind(&h.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("http.listen {}: {e}", h.listen))?;
+                tracing::info!("http: listening on {}", listener.local_addr()?);
+                let state = crate::http::AppState {
+                    metrics: self.metrics.clone(),
+                    stats: self.stats.clone(),
+                    store: self.verdicts.clone(),
+                    active: self.active.clone(),
+                    queue: self.queue_handle.clone(),
+                    has_source: self.config.source.is_some(),
+                    last_scrape: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
+                };
+                let mut stopped = http_stopped.clone();
+                Some(tokio::spawn(async move {
+                    let serve = axum::serve(listener, crate::http::router(state))
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        });
+                    if let Err(e) = serve.await {
+                        tracing::error!("http: {e}");
+                    }
+                }))
+            }
+            None => None,
+        };
         let mut conn = match self.config.mqtt.clone() {
             Some(broker) => {
                 let d = &self.config.device;
@@ -892,6 +925,10 @@ impl Daemon {
         }
         if let Some(inspection) = inspection {
             inspection.stop().await;
+        }
+        let _ = http_stop.send(true);
+        if let Some(h) = http {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
         if let Some(outbox) = outbox {
             outbox.drain(Duration::from_secs(5)).await;
@@ -991,6 +1028,7 @@ impl Daemon {
         let pipeline = self.config.pipeline.clone();
         let rules = self.config.rules.clone();
         let queue = Arc::new(BoundedQueue::new(pipeline.queue, pipeline.on_full));
+        *self.queue_handle.lock().expect("lock") = Some(queue.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let stats = self.stats.clone();
         let source_thread = {
@@ -1028,6 +1066,7 @@ impl Daemon {
                 (queue.clone(), self.active.clone(), self.verdicts.clone());
             let device = self.config.device.id.clone();
             let notify = self.outbox_notify.clone();
+            let metrics = self.metrics.clone();
             std::thread::Builder::new()
                 .name("inference".into())
                 .spawn(move || {
@@ -1064,6 +1103,12 @@ impl Daemon {
                                 tracing::error!("verdict {} not stored: {e}", verdict.id);
                                 return;
                             }
+                            let result = if verdict.pass { "pass" } else { "fail" };
+                            metrics
+                                .verdicts
+                                .get_or_create(&crate::http::ResultLabel { result })
+                                .inc();
+                            metrics.latency.observe(verdict.latency_ms / 1e3);
                             tracing::info!(
                                 "verdict {} frame {} line {}: {} ({} failing defects, {:.0} ms)",
                                 verdict.id,

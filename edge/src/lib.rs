@@ -2,6 +2,7 @@ pub mod config;
 pub mod daemon;
 pub mod detector;
 pub mod device;
+pub mod http;
 pub mod models;
 pub mod pipeline;
 pub mod selftest;

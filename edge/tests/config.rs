@@ -11,6 +11,14 @@ fn documented_example_config_loads() {
     assert_eq!(config.device.id, "cam-01");
     assert_eq!(config.models.keep, 3);
     assert!(config.mqtt.unwrap().tls.is_some());
+    assert_eq!(config.pipeline.tile, 200);
+    assert_eq!(config.rules.classes["crazing"].min_score, Some(0.6));
+    assert!(matches!(
+        config.source,
+        Some(edge::config::SourceConfig::Synthetic { tiles: 2, .. })
+    ));
+    assert_eq!(config.http.unwrap().listen, "127.0.0.1:8080");
+    assert_eq!(config.store.keep_frames, edge::store::KeepFrames::Failed);
 }
 
 fn load(text: &str) -> String {
@@ -42,6 +50,10 @@ fn bad_configs_name_the_key() {
     assert!(e.contains("models.keep"), "{e}");
     let e = load(&good.replace("[models]\n", "[models]\nkeep = \"three\"\n"));
     assert!(e.contains("keep"), "{e}");
+    let e = load(&(good.clone() + "[pipeline]\non_full = \"panic\"\n"));
+    assert!(e.contains("unknown variant `panic`"), "{e}");
+    let e = load(&(good.clone() + "[rules]\nmin_score = 1.5\n"));
+    assert!(e.contains("rules.min_score"), "{e}");
     let e = load(&good.replace("[storage]\ndir = \"x\"\n", ""));
     assert!(e.contains("missing field `storage`"), "{e}");
 }

@@ -215,8 +215,19 @@ async fn drive(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                for (topic, qos) in &subscriptions {
-                    let _ = client.try_subscribe(topic.clone(), *qos);
+                // Subscribe again on every connection (a restarted broker without persistence
+                // forgot us). Not try_subscribe: with publishes queued during the outage the
+                // request channel can be full, and a dropped subscribe would leave us deaf.
+                if !subscriptions.is_empty() {
+                    let (client, subs) = (client.clone(), subscriptions.clone());
+                    tokio::spawn(async move {
+                        let filters = subs
+                            .into_iter()
+                            .map(|(path, qos)| rumqttc::SubscribeFilter::new(path, qos));
+                        if let Err(e) = client.subscribe_many(filters).await {
+                            tracing::warn!("mqtt: subscribe failed: {e}");
+                        }
+                    });
                 }
                 let _ = up.send(true);
                 if logged_down {

@@ -136,23 +136,28 @@ fn dedup_in_order(all: &[Verdict]) -> Vec<Verdict> {
 }
 
 #[test]
-fn every_frame_gets_a_verdict_and_a_broker_outage_loses_none() {
+fn every_frame_gets_a_verdict_and_a_network_outage_loses_none() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path());
+    // The edge reaches the broker through a proxy; cutting it is the edge's network going
+    // down while the broker and the consumer stay up.
+    let broker = Broker::start(dir.path());
     let w = Watcher::start(broker.port);
+    let proxy = e2e::Proxy::start(broker.port);
     let edge = Edge::start(
         dir.path(),
         "cam1",
         &config(
-            broker.port,
+            proxy.port,
             "kind = \"synthetic\"\ntiles = 2\nframe_height = 200\noverlap = 24\nframes = 40\nfps = 8\ndefect_rate = 0.5",
         ),
     );
     w.wait::<Verdict>("/cam1/verdict", T, |v| v.frame >= 5)
         .expect("verdicts flow");
-    broker.kill();
+    proxy.cut();
     std::thread::sleep(Duration::from_secs(3));
-    broker.restart();
+    let during = w.all::<Verdict>("/cam1/verdict").len();
+    assert!(during < 40, "the outage happened mid-run");
+    proxy.restore();
     let all = wait_verdicts(&w, 40, &edge);
     let unique = dedup_in_order(&all);
     assert_eq!(unique.len(), 40);
@@ -282,4 +287,65 @@ fn absent_camera_and_bad_source_are_clear_errors() {
     .unwrap();
     let (ok, out) = run("edge", &["run", "--config", &path.display().to_string()]);
     assert!(!ok && out.contains("/nonexistent/frames"), "{out}");
+}
+
+fn get(url: &str) -> (u16, Vec<u8>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_vec().unwrap())
+}
+
+#[test]
+fn http_health_metrics_verdicts_and_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let port = e2e::free_port();
+    let text = config(broker.port, "kind = \"synthetic\"\nframes = 12\nfps = 10")
+        + &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\nkeep_frames = \"all\"\n");
+    let edge = Edge::start(dir.path(), "cam1", &text);
+    wait_verdicts(&w, 12, &edge);
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    // The synthetic source has ended: alive, but no longer ready to inspect.
+    let (status, body) = get(&format!("{base}/readyz"));
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = get(&format!("{base}/metrics"));
+    let metrics = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("edge_frames_total 12"), "{metrics}");
+    assert!(metrics.contains("edge_active_model_version 1"), "{metrics}");
+    assert!(metrics.contains("edge_outbox_pending 0"), "{metrics}");
+    assert!(
+        metrics.contains("edge_latency_seconds_count 12"),
+        "{metrics}"
+    );
+    let pass_fail: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("edge_verdicts_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(pass_fail, 12, "{metrics}");
+    let (status, body) = get(&format!("{base}/api/verdicts?since=0&limit=5"));
+    assert_eq!(status, 200);
+    let first: Vec<Verdict> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(first.len(), 5);
+    let (_, body) = get(&format!("{base}/api/verdicts?since={}", first[4].id));
+    let rest: Vec<Verdict> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(rest.len(), 7);
+    let (status, jpeg) = get(&format!("{base}/api/frames/{}.jpg", rest[0].id));
+    assert_eq!(status, 200);
+    let frame = image::load_from_memory(&jpeg).unwrap();
+    assert_eq!((frame.width(), frame.height()), (200, 200));
+    assert_eq!(get(&format!("{base}/api/frames/999999.jpg")).0, 404);
+    assert_eq!(get(&format!("{base}/api/frames/..%2Fetc%2Fpasswd")).0, 400);
+    assert_eq!(get(&format!("{base}/api/verdicts?since=abc")).0, 400);
+    assert_eq!(get(&format!("{base}/api/verdicts?limit=0")).0, 400);
 }
