@@ -89,6 +89,20 @@ fn new_report(device: &str, transfer: &str, version: Option<u64>, state: ReportS
     }
 }
 
+/// A "receiving" report for a transfer, with the given missing ranges.
+fn receiving(device: &str, t: &Transfer, missing: Vec<[u32; 2]>) -> Report {
+    Report {
+        have: t.have_count,
+        missing,
+        ..new_report(
+            device,
+            &t.hex,
+            Some(t.manifest.version),
+            ReportState::Receiving,
+        )
+    }
+}
+
 fn chunk_key(id: &[u8; 32], index: u32) -> [u8; 36] {
     let mut key = [0u8; 36];
     key[..32].copy_from_slice(id);
@@ -332,11 +346,7 @@ impl Daemon {
     }
 
     fn progress_report(&self, t: &Transfer) -> Report {
-        Report {
-            have: t.have_count,
-            missing: t.missing(),
-            ..self.base_report(&t.hex, Some(t.manifest.version), ReportState::Receiving)
-        }
+        receiving(&self.config.device.id, t, t.missing())
     }
 
     /// Records and sends a final report. Activations and self-test failures are remembered (a
@@ -561,16 +571,7 @@ impl Daemon {
                 t.manifest.id,
                 t.manifest.version
             );
-            let report = Report {
-                have: t.have_count,
-                missing: vec![[chunk.index, chunk.index]],
-                ..new_report(
-                    &device,
-                    &t.hex,
-                    Some(t.manifest.version),
-                    ReportState::Receiving,
-                )
-            };
+            let report = receiving(&device, t, vec![[chunk.index, chunk.index]]);
             self.report(report);
             return;
         }
@@ -594,16 +595,7 @@ impl Daemon {
             if let Err(e) = self.db.flush() {
                 tracing::error!("transfer store flush: {e}");
             }
-            let report = Report {
-                have: t.have_count,
-                missing: vec![],
-                ..new_report(
-                    &device,
-                    &t.hex,
-                    Some(t.manifest.version),
-                    ReportState::Receiving,
-                )
-            };
+            let report = receiving(&device, t, vec![]);
             self.report(report);
         }
     }

@@ -54,6 +54,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Releases at most `fps` frames per second (0: no limit).
+struct Pacer {
+    period: Option<Duration>,
+    last: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(fps: f64) -> Self {
+        Self {
+            period: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
+            last: None,
+        }
+    }
+
+    fn wait(&mut self) {
+        if let (Some(period), Some(last)) = (self.period, self.last) {
+            let due = last + period;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        self.last = Some(Instant::now());
+    }
+}
+
 /// Stitches rows into overlapping frames.
 pub struct LineScanAssembler {
     width: usize,
@@ -128,8 +154,7 @@ pub struct FolderSource {
     files: Vec<PathBuf>,
     next: usize,
     looped: bool,
-    period: Option<Duration>,
-    last: Option<Instant>,
+    pace: Pacer,
     seq: u64,
     dir: PathBuf,
 }
@@ -160,8 +185,7 @@ impl FolderSource {
             files,
             next: 0,
             looped,
-            period: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
-            last: None,
+            pace: Pacer::new(fps),
             seq: 0,
             dir: dir.to_path_buf(),
         })
@@ -176,14 +200,7 @@ impl FrameSource for FolderSource {
             }
             self.next = 0;
         }
-        if let (Some(period), Some(last)) = (self.period, self.last) {
-            let due = last + period;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        self.last = Some(Instant::now());
+        self.pace.wait();
         let path = self.files[self.next].clone();
         self.next += 1;
         let seq = self.seq;
@@ -226,8 +243,7 @@ pub struct SyntheticStrip {
     truth: Vec<(usize, [f32; 4])>,
     /// Strip lines generated so far.
     generated: u64,
-    period: Option<Duration>,
-    last: Option<Instant>,
+    pace: Pacer,
     limit: Option<u64>,
 }
 
@@ -252,8 +268,7 @@ impl SyntheticStrip {
             pending: Default::default(),
             truth: vec![],
             generated: 0,
-            period: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
-            last: None,
+            pace: Pacer::new(fps),
             limit: frames,
         })
     }
@@ -323,14 +338,7 @@ impl FrameSource for SyntheticStrip {
         while self.pending.is_empty() {
             self.band()?;
         }
-        if let (Some(period), Some(last)) = (self.period, self.last) {
-            let due = last + period;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        self.last = Some(Instant::now());
+        self.pace.wait();
         if let Some(n) = self.limit.as_mut() {
             *n -= 1;
         }

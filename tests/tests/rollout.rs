@@ -120,6 +120,28 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// A broker, a watcher and one edge `cam1` on the factory model v1, online.
+struct Rig {
+    dir: tempfile::TempDir,
+    broker: Broker,
+    w: Watcher,
+    edge: Edge,
+}
+
+fn rig(extra_models: &str) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let edge = start_edge(dir.path(), &broker, "cam1", &[], extra_models);
+    online_with(&w, "cam1", 1);
+    Rig {
+        dir,
+        broker,
+        w,
+        edge,
+    }
+}
+
 fn start_edge(dir: &Path, broker: &Broker, id: &str, groups: &[&str], extra: &str) -> Edge {
     let f = fixture();
     Edge::start(
@@ -275,11 +297,12 @@ fn happy_path_activates_confirms_and_reports() {
 #[test]
 fn refusals_wrong_key_corrupt_truncated_downgrade() {
     let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
-    let edge = start_edge(dir.path(), &broker, "cam1", &[], "");
-    online_with(&w, "cam1", 1);
+    let Rig {
+        dir,
+        broker,
+        w,
+        edge,
+    } = rig("");
 
     // Signed by a key the device does not trust.
     let (ok, out) = publish(&broker, &f.p("rogue-v2.edgepkg"), &["--to", "device:cam1"]);
@@ -350,11 +373,12 @@ fn refusals_wrong_key_corrupt_truncated_downgrade() {
 #[test]
 fn flipped_chunk_is_asked_again_and_dead_publisher_resumes() {
     let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
-    let edge = start_edge(dir.path(), &broker, "cam1", &[], "");
-    online_with(&w, "cam1", 1);
+    let Rig {
+        dir: _dir,
+        broker,
+        w,
+        edge,
+    } = rig("");
     let package = Package::read(&f.path("v2.edgepkg")).unwrap();
     let chunk = 64 << 10;
     let count = package.weights.len().div_ceil(chunk) as u32;
@@ -464,11 +488,12 @@ fn broker_restart_mid_transfer_recovers() {
 #[test]
 fn failing_self_test_keeps_the_previous_model() {
     let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
-    let _edge = start_edge(dir.path(), &broker, "cam1", &[], "");
-    online_with(&w, "cam1", 1);
+    let Rig {
+        dir,
+        broker,
+        w,
+        edge: _edge,
+    } = rig("");
     // A package whose model does not give what its golden samples expect (validly signed).
     let good = Package::read(&f.path("v2.edgepkg")).unwrap();
     let mut manifest = Manifest::from_json(&good.manifest_bytes).unwrap();
