@@ -253,11 +253,8 @@ async fn send_stage(
         members.iter().cloned().collect::<Vec<_>>().join(", ")
     ));
 
-    let mut outcome: HashMap<String, DeviceOutcome> = HashMap::new();
-    let mut last_heard: HashMap<String, Instant> = HashMap::new();
-    let mut wanted: HashMap<String, BTreeSet<u32>> = HashMap::new();
+    let mut st = StageState::default();
     let mut bytes_sent = 0u64;
-    let mut need_offer = false;
     let mut chunks_sent = 0u64;
     let chunk_topic = topics.down(target, DownKind::Chunk);
     let complete = Complete {
@@ -269,27 +266,18 @@ async fn send_stage(
         .await?;
     // Devices answer an offer with what they miss: a resumed transfer sends only that.
     let first_wait = Instant::now() + options.retry_after;
-    while wanted.len() + outcome.len() < members.len() {
+    while st.wanted.len() + st.outcome.len() < members.len() {
         match tokio::time::timeout_at(first_wait.into(), conn.incoming.recv()).await {
             Ok(Some(msg)) => {
                 fleet.observe(topics, &msg.topic, &msg.payload);
-                absorb(
-                    fleet,
-                    &mut need_offer,
-                    &transfer_hex,
-                    &members,
-                    count,
-                    &mut outcome,
-                    &mut wanted,
-                    &mut last_heard,
-                );
+                st.absorb(fleet, &transfer_hex, &members, count);
             }
             Ok(None) => return Err(ProtocolError::Mqtt("connection closed".into())),
             Err(_) => break,
         }
     }
-    let mut to_send: BTreeSet<u32> = if wanted.len() + outcome.len() == members.len() {
-        wanted.values().flatten().copied().collect()
+    let mut to_send: BTreeSet<u32> = if st.wanted.len() + st.outcome.len() == members.len() {
+        st.wanted.values().flatten().copied().collect()
     } else {
         (0..count).collect()
     };
@@ -321,7 +309,7 @@ async fn send_stage(
             .await?;
             progress(&format!("{target}: sent {n} chunk(s)"));
         }
-        if members.iter().all(|m| outcome.contains_key(m)) {
+        if members.iter().all(|m| st.outcome.contains_key(m)) {
             break;
         }
         let now = Instant::now();
@@ -332,18 +320,9 @@ async fn send_stage(
         match tokio::time::timeout_at(wake.into(), conn.incoming.recv()).await {
             Ok(Some(msg)) => {
                 fleet.observe(topics, &msg.topic, &msg.payload);
-                let before: BTreeSet<String> = outcome.keys().cloned().collect();
-                absorb(
-                    fleet,
-                    &mut need_offer,
-                    &transfer_hex,
-                    &members,
-                    count,
-                    &mut outcome,
-                    &mut wanted,
-                    &mut last_heard,
-                );
-                for o in outcome.values().filter(|o| !before.contains(&o.device)) {
+                let before: BTreeSet<String> = st.outcome.keys().cloned().collect();
+                st.absorb(fleet, &transfer_hex, &members, count);
+                for o in st.outcome.values().filter(|o| !before.contains(&o.device)) {
                     progress(&format!(
                         "{}: {:?}{}",
                         o.device,
@@ -354,7 +333,7 @@ async fn send_stage(
                             .unwrap_or_default()
                     ));
                 }
-                if std::mem::take(&mut need_offer)
+                if std::mem::take(&mut st.need_offer)
                     && last_offer.elapsed() >= options.retry_after / 2
                 {
                     last_offer = Instant::now();
@@ -363,7 +342,7 @@ async fn send_stage(
                 }
                 // Repair: resend what devices still miss, unless just sent.
                 let now = Instant::now();
-                for set in wanted.values_mut() {
+                for set in st.wanted.values_mut() {
                     for &i in set.iter() {
                         let recent = last_sent
                             .get(&i)
@@ -380,8 +359,9 @@ async fn send_stage(
                 // Quiet devices get a probe; they answer with their state.
                 let now = Instant::now();
                 let quiet = members.iter().any(|m| {
-                    !outcome.contains_key(m)
-                        && last_heard
+                    !st.outcome.contains_key(m)
+                        && st
+                            .last_heard
                             .get(m)
                             .is_none_or(|t| now.duration_since(*t) >= options.retry_after)
                 });
@@ -399,7 +379,7 @@ async fn send_stage(
     let devices = members
         .iter()
         .map(|m| {
-            outcome.get(m).cloned().unwrap_or(DeviceOutcome {
+            st.outcome.get(m).cloned().unwrap_or(DeviceOutcome {
                 device: m.clone(),
                 state: None,
                 reason: Some(format!("no final report within {:?}", options.timeout)),
@@ -415,40 +395,51 @@ async fn send_stage(
     })
 }
 
-/// Folds new reports about this transfer into the per-device state.
-#[allow(clippy::too_many_arguments)]
-fn absorb(
-    fleet: &mut Fleet,
-    need_offer: &mut bool,
-    transfer: &str,
-    members: &BTreeSet<String>,
-    count: u32,
-    outcome: &mut HashMap<String, DeviceOutcome>,
-    wanted: &mut HashMap<String, BTreeSet<u32>>,
-    last_heard: &mut HashMap<String, Instant>,
-) {
-    for report in fleet.reports.drain(..) {
-        if report.transfer.as_deref() != Some(transfer) || !members.contains(&report.device) {
-            continue;
-        }
-        last_heard.insert(report.device.clone(), Instant::now());
-        if report.state == ReportState::NeedOffer {
-            *need_offer = true;
-        } else if report.state.is_final() {
-            outcome.insert(
-                report.device.clone(),
-                DeviceOutcome {
-                    device: report.device.clone(),
-                    state: Some(report.state),
-                    reason: report.reason.clone(),
-                },
-            );
-            wanted.remove(&report.device);
-        } else if !outcome.contains_key(&report.device) {
-            wanted
-                .entry(report.device.clone())
-                .or_default()
-                .extend(from_ranges(&report.missing, count));
+/// What the publisher knows of each device during one stage.
+#[derive(Default)]
+struct StageState {
+    /// Devices that gave a final report.
+    outcome: HashMap<String, DeviceOutcome>,
+    /// Chunks each device still misses (as last reported).
+    wanted: HashMap<String, BTreeSet<u32>>,
+    last_heard: HashMap<String, Instant>,
+    /// Some device heard a probe but never got the offer.
+    need_offer: bool,
+}
+
+impl StageState {
+    /// Folds new reports about this transfer into the per-device state.
+    fn absorb(
+        &mut self,
+        fleet: &mut Fleet,
+        transfer: &str,
+        members: &BTreeSet<String>,
+        count: u32,
+    ) {
+        for report in fleet.reports.drain(..) {
+            if report.transfer.as_deref() != Some(transfer) || !members.contains(&report.device) {
+                continue;
+            }
+            self.last_heard
+                .insert(report.device.clone(), Instant::now());
+            if report.state == ReportState::NeedOffer {
+                self.need_offer = true;
+            } else if report.state.is_final() {
+                self.outcome.insert(
+                    report.device.clone(),
+                    DeviceOutcome {
+                        device: report.device.clone(),
+                        state: Some(report.state),
+                        reason: report.reason.clone(),
+                    },
+                );
+                self.wanted.remove(&report.device);
+            } else if !self.outcome.contains_key(&report.device) {
+                self.wanted
+                    .entry(report.device.clone())
+                    .or_default()
+                    .extend(from_ranges(&report.missing, count));
+            }
         }
     }
 }
