@@ -124,6 +124,10 @@ impl Daemon {
             &config.storage.dir.join("verdicts.sled"),
             config.store.clone(),
         )?);
+        let removed = verdicts.enforce_retention(crate::source::now_ms())?;
+        if removed > 0 {
+            tracing::info!("retention: removed {removed} old verdicts");
+        }
         let mut daemon = Self {
             verdicts,
             stats: Arc::new(PipelineStats::default()),
@@ -1094,6 +1098,12 @@ impl Daemon {
                             if let Err(e) = store.record(&verdict, &d.frame.image) {
                                 tracing::error!("verdict {} not stored: {e}", verdict.id);
                                 return;
+                            }
+                            // Retention walks from the oldest verdict: keep it off every frame.
+                            if verdict.id.is_multiple_of(64)
+                                && let Err(e) = store.enforce_retention(verdict.decided_ms)
+                            {
+                                tracing::error!("retention: {e}");
                             }
                             let result = if verdict.pass { "pass" } else { "fail" };
                             metrics

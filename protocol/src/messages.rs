@@ -266,6 +266,16 @@ impl Message for SignedCommand {
     const KIND: &'static str = "command";
 }
 
+impl SignedCommand {
+    pub fn sign(command: &Command, key: &crate::package::SigningKey) -> Self {
+        let text = serde_json::to_string(command).expect("commands serialize");
+        Self {
+            signature: hex::encode(crate::package::sign(key, text.as_bytes())),
+            command: text,
+        }
+    }
+}
+
 /// One piece of a package's weights. Binary frame:
 /// `"EIC" 0x01 | transfer (32 bytes) | index (u32 BE) | count (u32 BE) | data`.
 #[derive(Clone, Debug, PartialEq, Eq)]

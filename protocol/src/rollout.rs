@@ -160,6 +160,24 @@ pub async fn rollout(
     })
 }
 
+/// The offer for `package` cut into `chunk_size` pieces (`package.weights.chunks(chunk_size)`).
+pub fn offer_for(
+    package: &Package,
+    target: &Target,
+    chunk_size: usize,
+) -> Result<Offer, ProtocolError> {
+    Ok(Offer {
+        transfer: crate::messages::transfer_hex(&package.manifest_bytes, &package.signature),
+        target: target.clone(),
+        manifest: String::from_utf8(package.manifest_bytes.clone())
+            .map_err(|_| ProtocolError::malformed("manifest", "not UTF-8"))?,
+        signature: hex::encode(package.signature),
+        size: package.weights.len() as u64,
+        chunk_size: chunk_size as u32,
+        chunks: package.weights.chunks(chunk_size).map(sha256_hex).collect(),
+    })
+}
+
 /// What the publisher knows about devices from their retained statuses.
 #[derive(Default)]
 struct Fleet {
@@ -232,18 +250,9 @@ async fn send_stage(
     let chunk_size = options.chunk_size.clamp(1024, 16 << 20);
     let pieces: Vec<&[u8]> = package.weights.chunks(chunk_size).collect();
     let count = pieces.len() as u32;
-    let transfer_hex = crate::messages::transfer_hex(&package.manifest_bytes, &package.signature);
+    let offer = offer_for(package, target, chunk_size)?;
+    let transfer_hex = offer.transfer.clone();
     let transfer = crate::messages::transfer_id(&transfer_hex)?;
-    let offer = Offer {
-        transfer: transfer_hex.clone(),
-        target: target.clone(),
-        manifest: String::from_utf8(package.manifest_bytes.clone())
-            .map_err(|_| ProtocolError::malformed("manifest", "not UTF-8"))?,
-        signature: hex::encode(package.signature),
-        size: package.weights.len() as u64,
-        chunk_size: chunk_size as u32,
-        chunks: pieces.iter().map(|p| sha256_hex(p)).collect(),
-    };
     progress(&format!(
         "{target}: offering {} v{} ({} bytes in {count} chunks) to {} device(s): {}",
         manifest.id,

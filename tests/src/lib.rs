@@ -89,33 +89,12 @@ impl Broker {
         )
     }
 
-    /// With persistence: sessions, subscriptions and queued messages survive a clean restart
-    /// ([`Broker::stop`] then [`Broker::restart`]), as on a production broker.
-    pub fn start_persistent(dir: &Path) -> Broker {
-        let port = free_port();
-        let data = dir.join(format!("mosquitto-{port}-data"));
-        std::fs::create_dir_all(&data).expect("broker data dir");
-        Self::start_with(
-            dir,
-            port,
-            &format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                data.display()
-            ),
-        )
-    }
-
     /// With the given listener configuration (TLS, passwords).
     pub fn start_with(dir: &Path, port: u16, listener: &str) -> Broker {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
-        let persistence = if listener.contains("persistence true") {
-            ""
-        } else {
-            "persistence false\n"
-        };
         std::fs::write(
             &conf,
-            format!("{listener}{persistence}max_queued_messages 100000\n"),
+            format!("{listener}persistence false\nmax_queued_messages 100000\n"),
         )
         .expect("writing mosquitto.conf");
         let mut broker = Broker {
@@ -145,15 +124,6 @@ impl Broker {
             self.port,
             std::fs::read_to_string(&self.log).unwrap_or_default()
         );
-    }
-
-    /// SIGTERM: mosquitto saves its persistence file and exits.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: plain kill(2) on our child's pid.
-            unsafe { kill(c.id() as i32, 15) };
-            let _ = c.wait();
-        }
     }
 
     pub fn kill(&mut self) {
@@ -276,20 +246,7 @@ impl Watcher {
         Self::start_with(protocol::mqtt::BrokerConfig::plain("127.0.0.1", port))
     }
 
-    /// A consumer with a persistent session (fixed client id, clean session off): the broker
-    /// queues messages for it while it is away.
-    pub fn start_persistent(port: u16, client_id: &str) -> Watcher {
-        Self::start_inner(
-            protocol::mqtt::BrokerConfig::plain("127.0.0.1", port),
-            Some(client_id.to_string()),
-        )
-    }
-
     pub fn start_with(broker: protocol::mqtt::BrokerConfig) -> Watcher {
-        Self::start_inner(broker, None)
-    }
-
-    fn start_inner(broker: protocol::mqtt::BrokerConfig, persistent: Option<String>) -> Watcher {
         let messages = Arc::new(Mutex::new(Vec::new()));
         let sink = messages.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -299,11 +256,9 @@ impl Watcher {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let id = persistent
-                    .clone()
-                    .unwrap_or_else(|| format!("watcher-{}", free_port()));
-                let mut options = broker.options(&id).expect("options");
-                options.set_clean_session(persistent.is_none());
+                let options = broker
+                    .options(&format!("watcher-{}", free_port()))
+                    .expect("options");
                 let mut conn = protocol::mqtt::Connection::start(
                     options,
                     vec![("edgeinsp/#".to_string(), rumqttc::QoS::AtLeastOnce)],

@@ -72,35 +72,9 @@ fn fixture() -> &'static Fixture {
 
 fn config(port: u16, source: &str) -> String {
     let f = fixture();
+    let base = e2e::edge_config("cam1", &[], port, &f.public, &f.dir.join("v1.edgepkg"), "");
     format!(
-        r#"[device]
-id = "cam1"
-site = "test"
-line = "line1"
-
-[storage]
-dir = "state"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-keep_alive_s = 2
-
-[models]
-trusted_keys = ["{key}"]
-factory = "{factory}"
-
-[source]
-{source}
-
-[pipeline]
-on_full = "block"
-
-[rules]
-min_score = 0.3
-"#,
-        key = f.public,
-        factory = f.dir.join("v1.edgepkg").display()
+        "{base}\n[source]\n{source}\n\n[pipeline]\non_full = \"block\"\n\n[rules]\nmin_score = 0.3\n"
     )
 }
 

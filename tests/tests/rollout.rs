@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use e2e::{Broker, Edge, Watcher, edge_config, run, run_ok};
-use protocol::messages::{Chunk, Message, Offer, Report, ReportState, transfer_id};
+use protocol::Status;
+use protocol::messages::{Chunk, Message, Report, ReportState, transfer_id};
 use protocol::package::{Manifest, Package, read_signing_key};
-use protocol::{Status, sha256_hex};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -197,17 +197,8 @@ fn send_raw(
     let topics = protocol::Topics::new("test").unwrap();
     let target: protocol::Target = target.parse().unwrap();
     let pieces: Vec<&[u8]> = package.weights.chunks(chunk_size).collect();
-    let transfer = protocol::messages::transfer_hex(&package.manifest_bytes, &package.signature);
-    let offer = Offer {
-        transfer: transfer.clone(),
-        target: target.clone(),
-        manifest: String::from_utf8(package.manifest_bytes.clone()).unwrap(),
-        signature: hex(&package.signature),
-        size: package.weights.len() as u64,
-        chunk_size: chunk_size as u32,
-        chunks: pieces.iter().map(|p| sha256_hex(p)).collect(),
-    };
-    let id = transfer_id(&transfer).unwrap();
+    let offer = protocol::rollout::offer_for(package, &target, chunk_size).unwrap();
+    let id = transfer_id(&offer.transfer).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
@@ -238,10 +229,6 @@ fn send_raw(
         tokio::time::sleep(Duration::from_millis(500)).await;
         conn.close().await;
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn chunks_sent(output: &str) -> u64 {

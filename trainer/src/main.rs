@@ -474,11 +474,7 @@ fn main() -> Result<()> {
                     .duration_since(std::time::UNIX_EPOCH)?
                     .as_millis() as u64,
             };
-            let text = serde_json::to_string(&command)?;
-            let signed = protocol::SignedCommand {
-                signature: hex_encode(&protocol::package::sign(&key, text.as_bytes())),
-                command: text,
-            };
+            let signed = protocol::SignedCommand::sign(&command, &key);
             let topics = protocol::Topics::new(&broker.site)?;
             let broker = broker.config()?;
             let runtime = tokio::runtime::Runtime::new()?;
@@ -654,8 +650,4 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
