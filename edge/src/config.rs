@@ -73,7 +73,7 @@ pub enum SourceConfig {
         #[serde(default)]
         frames: Option<u64>,
     },
-    /// A V4L2/UVC camera (needs the cargo feature `camera`).
+    /// A V4L2/UVC camera (cargo feature `camera`, on by default).
     Camera {
         /// Device index (/dev/videoN).
         #[serde(default)]
@@ -82,7 +82,22 @@ pub enum SourceConfig {
         height: u32,
         #[serde(default = "thirty")]
         fps: u32,
+        /// What the camera sends; frames are converted to grey either way.
+        #[serde(default)]
+        pixel_format: PixelFormat,
     },
+}
+
+/// Camera pixel formats (V4L2 fourcc).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    #[default]
+    Mjpeg,
+    Yuyv,
+    Nv12,
+    Gray,
+    Rgb,
 }
 
 fn one() -> usize {

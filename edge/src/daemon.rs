@@ -971,8 +971,20 @@ pub fn open_source(config: &SourceConfig) -> anyhow::Result<Box<dyn FrameSource>
             )
             .map_err(fatal)?,
         ),
+        #[cfg(feature = "camera")]
+        SourceConfig::Camera {
+            index,
+            width,
+            height,
+            fps,
+            pixel_format,
+        } => Box::new(
+            crate::camera::CameraSource::open(*index, *width, *height, *fps, *pixel_format)
+                .map_err(fatal)?,
+        ),
+        #[cfg(not(feature = "camera"))]
         SourceConfig::Camera { index, .. } => anyhow::bail!(
-            "source: camera /dev/video{index}: this build has no camera support yet (V4L2 through nokhwa is the next step); use kind = \"folder\" or \"synthetic\""
+            "source: camera /dev/video{index}: this edge was built without the `camera` feature; rebuild with default features or use kind = \"folder\" or \"synthetic\""
         ),
     })
 }

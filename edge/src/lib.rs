@@ -1,3 +1,5 @@
+#[cfg(feature = "camera")]
+pub mod camera;
 pub mod config;
 pub mod daemon;
 pub mod detector;

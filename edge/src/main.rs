@@ -47,6 +47,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the V4L2 cameras this machine has (index for `[source] kind = "camera"`).
+    Cameras,
     /// Print a model file's config and parameter count.
     Info {
         #[arg(long)]
@@ -113,6 +115,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Command::Cameras => list_cameras()?,
         Command::Info { model } => {
             let detector = Detector::load(&model, &device)?;
             println!("{}", serde_json::to_string_pretty(&detector.config)?);
@@ -120,6 +123,23 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "camera")]
+fn list_cameras() -> Result<()> {
+    let cameras = edge::camera::list().map_err(|e| anyhow::anyhow!("listing cameras: {e}"))?;
+    if cameras.is_empty() {
+        println!("no cameras found (V4L2)");
+    }
+    for c in cameras {
+        println!("{c}");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "camera"))]
+fn list_cameras() -> Result<()> {
+    anyhow::bail!("this edge was built without the `camera` feature")
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.

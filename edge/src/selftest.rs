@@ -65,15 +65,6 @@ pub fn expectations(
         .collect())
 }
 
-fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let area = |r: [f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
-}
-
 fn compare(
     detector: &Detector,
     name: &str,
@@ -89,7 +80,7 @@ fn compare(
             !used[i]
                 && class(d) == e.class
                 && (d.score - e.score).abs() <= tol.score
-                && iou(boxed(d), e.bbox) >= tol.iou
+                && crate::detector::nms::box_iou(boxed(d), e.bbox) >= tol.iou
         });
         match hit {
             Some(i) => used[i] = true,

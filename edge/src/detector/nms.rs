@@ -6,13 +6,19 @@
 
 use super::head::Detection;
 
-/// IoU of two boxes.
+/// IoU of two detections.
 pub fn iou(a: &Detection, b: &Detection) -> f32 {
-    let iw = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
-    let ih = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    box_iou([a.x1, a.y1, a.x2, a.y2], [b.x1, b.y1, b.x2, b.y2])
+}
+
+/// IoU of two `[x1, y1, x2, y2]` boxes.
+pub fn box_iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = iw * ih;
-    let union = a.area() + b.area() - inter;
-    if union <= 0.0 { 0.0 } else { inter / union }
+    let area = |r: [f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// Keeps, per class, each box that overlaps no higher-scoring kept box by more than
