@@ -207,6 +207,10 @@ impl Edge {
         c.wait().expect("edge exit")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

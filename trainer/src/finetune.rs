@@ -15,7 +15,6 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use edge::detector::loss::{LossConfig, detection_loss};
 use edge::detector::{Detector, DetectorConfig, NEU_CLASSES, SwinConfig};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::AugmentConfig;
@@ -339,14 +338,8 @@ pub fn run(
             state.batch,
             3,
         );
-        let bar = ProgressBar::new(stream.batches as u64).with_position(state.batch as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
+        let bar =
+            crate::progress::bar(stream.batches as u64, "epoch").with_position(state.batch as u64);
         bar.set_prefix(format!("{}/{}", state.epoch + 1, config.epochs));
         let mut loss_sum = 0.0f64;
         let mut loss_count = 0usize;

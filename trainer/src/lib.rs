@@ -1,9 +1,11 @@
 //! The trainer: data (NEU-DET/VOC, synthetic), fine-tuning the edge detector, evaluation and
 //! its reports.
 
+pub mod compress;
 pub mod data;
 pub mod eval;
 pub mod finetune;
 pub mod package;
+pub mod progress;
 pub mod report;
 pub mod simclr;

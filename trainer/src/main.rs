@@ -131,6 +131,37 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Compress a detector: prune MLP channels to a FLOPs target (then recover with
+    /// `finetune --init OUT`), and/or store weights as INT8 after a per-layer sensitivity scan.
+    Compress {
+        /// FP32 detector model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep this fraction of the detector's multiply-adds by removing MLP hidden channels
+        /// (e.g. 0.7); absent: no pruning.
+        #[arg(long)]
+        flops: Option<f64>,
+        /// Store Linear and convolution weights as INT8 (symmetric, per output channel).
+        #[arg(long)]
+        int8: bool,
+        /// Dataset whose validation images calibrate the sensitivity scan (needed with --int8).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Calibration images for the scan.
+        #[arg(long, default_value_t = 16)]
+        calibration_images: usize,
+        /// Layers whose INT8 version alone moves the outputs by more than this relative L2 error
+        /// stay FP32.
+        #[arg(long, default_value_t = 0.003)]
+        sensitivity: f64,
+        #[arg(long, default_value_t = 42)]
+        split_seed: u64,
+        #[arg(long, default_value_t = 0.2)]
+        val_fraction: f64,
+    },
     /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
     /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
     Publish {
@@ -173,6 +204,10 @@ enum Command {
         /// Images per class (six classes).
         #[arg(long, default_value_t = 50)]
         per_class: usize,
+        /// Defect-free images besides (`clean_N`, no objects): a detector that judges pass/fail
+        /// needs to see clean steel.
+        #[arg(long, default_value_t = 0)]
+        clean: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -382,8 +417,6 @@ fn main() -> Result<()> {
                     None => Default::default(),
                 },
                 min_edge_version,
-                quantization: "none".into(),
-                pruning: None,
             };
             let package = trainer::package::build(&model, &spec, &key, &device)?;
             package.write(&out)?;
@@ -499,9 +532,10 @@ fn main() -> Result<()> {
         Command::Synth {
             out,
             per_class,
+            clean,
             seed,
         } => {
-            let n = trainer::data::synth::write_dataset(&out, &classes, per_class, seed)?;
+            let n = trainer::data::synth::write_dataset(&out, &classes, per_class, clean, seed)?;
             println!("wrote {n} images to {}", out.display());
         }
         Command::Pretrain {
@@ -612,6 +646,85 @@ fn main() -> Result<()> {
                 report::write(r, &out.join("report"), "validation")?;
             }
             report::plot_training_curves(&out.join("metrics.jsonl"), &out.join("curves.png"))?;
+        }
+        Command::Compress {
+            model,
+            out,
+            flops,
+            int8,
+            data,
+            calibration_images,
+            sensitivity,
+            split_seed,
+            val_fraction,
+        } => {
+            if flops.is_none() && !int8 {
+                anyhow::bail!("nothing to do: give --flops RATIO and/or --int8");
+            }
+            let origin = model.display().to_string();
+            let mut bytes = std::fs::read(&model).with_context(|| format!("reading {origin}"))?;
+            let mut summary = serde_json::Map::new();
+            if let Some(ratio) = flops {
+                let (pruned, report) = trainer::compress::prune(&bytes, &origin, ratio)?;
+                println!(
+                    "pruned MLP channels (keep {:.1}%): {:.3} -> {:.3} GFLOPs ({:.2}x), {} -> {} parameters",
+                    100.0 * report.mlp_keep_fraction,
+                    2.0 * report.macs_before as f64 / 1e9,
+                    2.0 * report.macs_after as f64 / 1e9,
+                    report.macs_after as f64 / report.macs_before as f64,
+                    report.params_before,
+                    report.params_after
+                );
+                summary.insert("pruning".into(), serde_json::to_value(&report)?);
+                bytes = pruned;
+            }
+            if int8 {
+                let data = data.context("--int8 needs --data (calibration images)")?;
+                let classes = Detector::from_bytes(bytes.clone(), &origin, &device)?
+                    .config
+                    .classes;
+                let dataset = trainer::data::voc::load(&data, &classes)?;
+                let val = trainer::data::split(&dataset, val_fraction, split_seed).1;
+                let step = (val.len() / calibration_images.max(1)).max(1);
+                let calibration: Vec<_> = val
+                    .iter()
+                    .step_by(step)
+                    .take(calibration_images)
+                    .cloned()
+                    .collect();
+                let (quantized, report) = trainer::compress::quantize(
+                    &bytes,
+                    &origin,
+                    &calibration,
+                    sensitivity,
+                    &device,
+                )?;
+                println!("sensitivity (output error with only this layer in INT8), worst first:");
+                for s in report.scan.iter().take(10) {
+                    println!("  {:<50} {:>8} params  {:.4}", s.layer, s.params, s.error);
+                }
+                println!(
+                    "INT8: {} weights quantized, {} kept FP32 (error > {}); output error {:.4} with all INT8, {:.4} as written",
+                    report.quantized,
+                    report.kept_fp32.len(),
+                    sensitivity,
+                    report.error_all_int8,
+                    report.error_final
+                );
+                summary.insert("quantization".into(), serde_json::to_value(&report)?);
+                bytes = quantized;
+            }
+            // The result must load and run here (CPU backend) before it is written.
+            Detector::from_bytes(bytes.clone(), &out.display().to_string(), &device)?;
+            protocol::package::write_atomic(&out, &bytes)?;
+            let summary_path = out.with_extension("compress.json");
+            std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)?;
+            println!(
+                "wrote {} ({} bytes) and {}",
+                out.display(),
+                bytes.len(),
+                summary_path.display()
+            );
         }
         Command::Eval {
             model,

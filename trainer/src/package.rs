@@ -21,8 +21,6 @@ pub struct PackageSpec {
     pub tolerance: GoldenTolerance,
     pub metrics: BTreeMap<String, f64>,
     pub min_edge_version: String,
-    pub quantization: String,
-    pub pruning: Option<serde_json::Value>,
 }
 
 /// Reads `mAP@0.5` and `mAP@[.5:.95]` from a `trainer eval` / run `report.json`.
@@ -91,8 +89,12 @@ pub fn build(
             }
             .into(),
         },
-        quantization: spec.quantization.clone(),
-        pruning: spec.pruning.clone(),
+        // What `trainer compress` recorded in the model file's header.
+        quantization: edge::detector::quant::quantization_of(&weights),
+        pruning: safetensors::SafeTensors::read_metadata(&weights)
+            .ok()
+            .and_then(|(_, h)| h.metadata().as_ref()?.get("pruning").cloned())
+            .and_then(|json| serde_json::from_str(&json).ok()),
         metrics: spec.metrics.clone(),
         weights: WeightsRef {
             format: "safetensors".into(),

@@ -21,7 +21,6 @@ use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::activation::{log_softmax, relu};
 use edge::detector::{NEU_CLASSES, Preprocess, SwinConfig, SwinTransformer};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::AugmentConfig;
@@ -360,14 +359,7 @@ pub fn run(
     }
     while state.epoch < config.epochs && state.step < total_steps {
         let order = epoch_order(train.len(), config.seed, state.epoch);
-        let bar = ProgressBar::new(steps_per_epoch as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "simclr {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
+        let bar = crate::progress::bar(steps_per_epoch as u64, "simclr");
         bar.set_prefix(format!("{}/{}", state.epoch + 1, config.epochs));
         for (b, chunk) in order
             .chunks(config.batch_size)

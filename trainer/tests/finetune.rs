@@ -38,7 +38,7 @@ fn loss_falls_and_a_stopped_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
-    trainer::data::synth::write_dataset(&data, &classes, 4, 1).unwrap();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 0, 1).unwrap();
     let config = small_config(&data);
     let run_dir = dir.path().join("run");
     let device = Device::flex();
@@ -112,7 +112,7 @@ fn simclr_backbone_initialises_finetuning() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
-    trainer::data::synth::write_dataset(&data, &classes, 4, 2).unwrap();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 0, 2).unwrap();
     let mut pre = trainer::simclr::PretrainConfig::new(data.clone());
     pre.backbone = SwinConfig::nano();
     pre.input_size = 64;

@@ -6,6 +6,7 @@ pub mod kernels;
 pub mod loss;
 pub mod nms;
 pub mod preprocess;
+pub mod quant;
 pub mod swin;
 mod weights;
 
@@ -66,6 +67,30 @@ impl DetectorConfig {
     pub fn strides(&self) -> Vec<usize> {
         let all = self.backbone.stage_strides();
         self.feature_stages.iter().map(|&s| all[s]).collect()
+    }
+
+    /// Multiply-accumulates of one forward pass at the input size: the backbone's
+    /// ([`SwinConfig::macs`]) plus the neck's and head's convolutions. GFLOPs = 2 x MACs / 1e9.
+    pub fn macs(&self) -> u64 {
+        let dims = self.backbone.stage_dims();
+        let [h, w] = self.backbone.img_size;
+        let d = self.head.dim;
+        let k = 9; // 3x3
+        let per_position = |c_in: usize| {
+            c_in * d // lateral 1x1
+                + d * d * k // smooth 3x3
+                + 2 * self.head.tower_convs * d * d * k // class and box towers
+                + d * (self.classes.len() + 4) * k // class and box outputs
+        };
+        let head: usize = self
+            .feature_stages
+            .iter()
+            .map(|&s| {
+                let stride = self.backbone.patch_size << s;
+                h.div_ceil(stride) * w.div_ceil(stride) * per_position(dims[s])
+            })
+            .sum();
+        self.backbone.macs() + head as u64
     }
 
     pub fn validate(&self) -> Result<(), DetectorError> {

@@ -95,11 +95,37 @@ impl SwinConfig {
             .collect()
     }
 
-    fn mlp_hidden_of(&self, stage: usize, block: usize) -> usize {
+    /// Hidden width of one block's MLP (explicit after pruning, `mlp_ratio` otherwise).
+    pub fn mlp_hidden_of(&self, stage: usize, block: usize) -> usize {
         self.mlp_hidden
             .get(stage)
             .and_then(|widths| widths.get(block).copied())
             .unwrap_or(((self.embed_dim << stage) as f64 * self.mlp_ratio) as usize)
+    }
+
+    /// Multiply-accumulates of one forward pass at `img_size` (convolutions, linears and the
+    /// two attention matmuls; norms, softmax and GELU are not counted).
+    pub fn macs(&self) -> u64 {
+        let mut res = [
+            self.img_size[0].div_ceil(self.patch_size),
+            self.img_size[1].div_ceil(self.patch_size),
+        ];
+        let mut n = res[0] * res[1];
+        let mut macs = n * self.embed_dim * self.in_chans * self.patch_size * self.patch_size;
+        for (stage, &depth) in self.depths.iter().enumerate() {
+            let c = self.embed_dim << stage;
+            if stage > 0 {
+                res = [res[0].div_ceil(2), res[1].div_ceil(2)];
+                n = res[0] * res[1];
+                macs += n * (4 * c / 2) * c;
+            }
+            let window = res[0].min(self.window_size) * res[1].min(self.window_size);
+            for block in 0..depth {
+                let hidden = self.mlp_hidden_of(stage, block);
+                macs += n * c * 3 * c + n * c * c + 2 * n * window * c + 2 * n * c * hidden;
+            }
+        }
+        macs as u64
     }
 
     /// Checks the numbers before anything is allocated, so a bad config is an error, not a panic.
@@ -633,6 +659,17 @@ impl SwinTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn swin_tiny_costs_what_timm_reports() {
+        // fvcore / the Swin paper: 4.5 G multiply-adds for swin_tiny_patch4_window7_224.
+        let g = SwinConfig::tiny().macs() as f64 / 1e9;
+        assert!((g - 4.49).abs() < 0.01, "{g}");
+        let mut pruned = SwinConfig::edge();
+        let full = pruned.macs();
+        pruned.mlp_hidden = vec![vec![96, 96], vec![192, 192], vec![384, 384], vec![768, 768]];
+        assert!(pruned.macs() < full);
+    }
 
     #[test]
     fn relative_index_matches_timm_corners() {

@@ -170,6 +170,7 @@ impl Detector {
             })?;
         let config: DetectorConfig =
             serde_json::from_str(json).map_err(|e| bad(origin, format!("`{CONFIG_KEY}`: {e}")))?;
+        let bytes = super::quant::dequantize(bytes, origin)?;
         check_finite(&bytes, origin)?;
         let mut detector = Detector::new(config, device)?;
         let mut store = SafetensorsStore::from_bytes(Some(bytes))

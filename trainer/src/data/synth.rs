@@ -32,11 +32,14 @@ pub fn voc_xml(
     xml
 }
 
-/// Writes `per_class` images of each class to `out/images` and `out/annotations`.
+/// Writes `per_class` images of each class, and `clean` defect-free images (`clean_N`, an
+/// annotation without objects: what a detector must learn to pass), to `out/images` and
+/// `out/annotations`.
 pub fn write_dataset(
     out: &Path,
     classes: &[String],
     per_class: usize,
+    clean: usize,
     seed: u64,
 ) -> Result<usize, DataError> {
     let io = |path: &Path| {
@@ -48,8 +51,13 @@ pub fn write_dataset(
     std::fs::create_dir_all(&images).map_err(io(&images))?;
     std::fs::create_dir_all(&annotations).map_err(io(&annotations))?;
     let mut written = 0;
-    for (class_id, name) in classes.iter().enumerate() {
-        for i in 1..=per_class {
+    let jobs = classes
+        .iter()
+        .enumerate()
+        .map(|(id, name)| (id, name.as_str(), per_class))
+        .chain(std::iter::once((usize::MAX, "clean", clean)));
+    for (class_id, name, count) in jobs {
+        for i in 1..=count {
             // One stream per image, so any single image can be regenerated alone.
             let mut rng = StdRng::seed_from_u64(seed ^ ((class_id as u64) << 32) ^ i as u64);
             let (image, defects) = generate(class_id, &mut rng);
@@ -83,7 +91,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(write_dataset(dir.path(), &classes, 3, 5).unwrap(), 18);
+        assert_eq!(write_dataset(dir.path(), &classes, 3, 0, 5).unwrap(), 18);
         let data = voc::load(dir.path(), &classes).unwrap();
         assert_eq!(data.samples.len(), 18);
         assert!(data.warnings.is_empty(), "{:?}", data.warnings);

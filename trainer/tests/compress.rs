@@ -1,0 +1,156 @@
+//! Compression on a real (small) detector: pruning really removes channels and, when the removed
+//! channels carry nothing, leaves the outputs unchanged; INT8 files are smaller, load on the CPU
+//! backend and stay close to FP32; bad inputs are named.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use edge::detector::{Detector, DetectorConfig, SwinConfig};
+use safetensors::SafeTensors;
+
+fn nano(device: &Device) -> Detector {
+    let mut config = DetectorConfig::edge_neu();
+    config.backbone = SwinConfig::nano().with_img_size([96, 96]);
+    config.preprocess.input_size = [96, 96];
+    Detector::new(config, device).unwrap()
+}
+
+fn outputs(d: &Detector, input: &Tensor<4>) -> Vec<f32> {
+    let out = d.model.forward(input.clone());
+    let mut v: Vec<f32> = out.cls_logits.into_data().try_to_vec().unwrap();
+    v.extend(out.box_ltrb.into_data().try_to_vec::<f32>().unwrap());
+    v
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Zeroes fc2 rows of every other hidden channel: those channels contribute nothing.
+fn zero_odd_channels(bytes: &[u8]) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let mut data = view.data().to_vec();
+        if name.ends_with("mlp.fc2.weight") {
+            let c = shape[1];
+            for j in (1..shape[0]).step_by(2) {
+                data[j * c * 4..(j + 1) * c * 4].fill(0);
+            }
+        }
+        owned.push((name, shape, data));
+    }
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, header.metadata().clone()).unwrap()
+}
+
+#[test]
+fn pruning_removes_channels_and_keeps_what_matters() {
+    let device = Device::flex();
+    let detector = nano(&device);
+    let bytes = zero_odd_channels(&detector.to_bytes().unwrap());
+    let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
+    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
+    let expected = outputs(&original, &input);
+
+    let (pruned, report) = trainer::compress::prune_keep(&bytes, "zeroed", 0.5).unwrap();
+    assert_eq!(
+        report.mlp_hidden,
+        vec![vec![32], vec![64], vec![128], vec![256]]
+    );
+    assert!(report.macs_after < report.macs_before);
+    assert!(report.params_after < report.params_before);
+    let small = Detector::from_bytes(pruned, "pruned", &device).unwrap();
+    assert_eq!(small.config.backbone.mlp_hidden, report.mlp_hidden);
+    assert_eq!(small.config.macs(), report.macs_after);
+    assert_eq!(small.model.num_params(), report.params_after);
+    // The kept channels are exactly the ones that carry the signal.
+    let diff = max_abs_diff(&outputs(&small, &input), &expected);
+    assert!(diff < 1e-4, "pruned outputs moved by {diff}");
+
+    // A FLOPs target is met; one pruning alone cannot reach is refused with the reason.
+    let (_, r) = trainer::compress::prune(&bytes, "zeroed", 0.95).unwrap();
+    assert!(r.macs_after as f64 <= 0.95 * r.macs_before as f64);
+    assert!(r.macs_after as f64 > 0.9 * r.macs_before as f64);
+    let e = trainer::compress::prune(&bytes, "zeroed", 0.05)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reaches") && e.contains("at most"), "{e}");
+}
+
+#[test]
+fn int8_files_are_smaller_load_here_and_stay_close() {
+    let device = Device::flex();
+    let mut config = DetectorConfig::edge_neu();
+    config.backbone = SwinConfig::edge().with_img_size([96, 96]);
+    config.preprocess.input_size = [96, 96];
+    let detector = Detector::new(config, &device).unwrap();
+    let bytes = detector.to_bytes().unwrap();
+    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
+    let expected = outputs(&detector, &input);
+
+    let (q, report) =
+        edge::detector::quant::quantize(&bytes, "m", &|n: &str| n == "head.reg_out.weight")
+            .unwrap();
+    assert_eq!(report.kept, vec!["head.reg_out.weight".to_string()]);
+    assert!(report.quantized.len() > 40);
+    let ratio = bytes.len() as f64 / q.len() as f64;
+    assert!(ratio > 3.5, "only {ratio:.2}x smaller");
+    assert_eq!(
+        edge::detector::quant::quantization_of(&q),
+        "int8-per-channel"
+    );
+    let loaded = Detector::from_bytes(q.clone(), "int8", &device).unwrap();
+    let got = outputs(&loaded, &input);
+    let num: f32 = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum();
+    let den: f32 = expected.iter().map(|b| b * b).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel > 0.0 && rel < 0.02, "relative output error {rel}");
+
+    // Quantizing twice, or pruning a quantized file, is refused by name.
+    let e = edge::detector::quant::quantize(&q, "q.safetensors", &|_: &str| false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("q.safetensors") && e.contains("already INT8"),
+        "{e}"
+    );
+    let e = trainer::compress::prune(&q, "q.safetensors", 0.9)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prune before quantizing"), "{e}");
+
+    // A scale tensor that is missing or wrong is a named error at load.
+    let st = SafeTensors::deserialize(&q).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&q).unwrap();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "head.smooth.0.weight.int8_scale")
+        .collect();
+    let broken = safetensors::serialize(views, header.metadata().clone()).unwrap();
+    let e = Detector::from_bytes(broken, "broken.safetensors", &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("broken.safetensors") && e.contains("head.smooth.0.weight.int8_scale"),
+        "{e}"
+    );
+}
