@@ -117,9 +117,19 @@ fn main() -> Result<()> {
         }
         Command::Cameras => list_cameras()?,
         Command::Info { model } => {
-            let detector = Detector::load(&model, &device)?;
+            let bytes =
+                std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            let quantization = edge::detector::quant::quantization_of(&bytes);
+            let detector =
+                Detector::from_bytes(bytes.clone(), &model.display().to_string(), &device)?;
             println!("{}", serde_json::to_string_pretty(&detector.config)?);
             println!("parameters: {}", detector.model.num_params());
+            println!(
+                "GFLOPs at {:?}: {:.3} (2 x multiply-adds)",
+                detector.config.backbone.img_size,
+                2.0 * detector.config.macs() as f64 / 1e9
+            );
+            println!("weights: {quantization}, {} bytes", bytes.len());
         }
     }
     Ok(())
