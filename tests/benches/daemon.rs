@@ -12,7 +12,7 @@
 //! 224x224 tiles (no decode, queue, tiling, rules, store or MQTT): daemon frames/s x tiles per
 //! frame / reference tiles/s is the share of the detector's speed the whole pipeline keeps.
 //!
-//! Environment: MODEL (a detector .safetensors; default: an untrained edge-size detector),
+//! Environment: MODEL (a detector .safetensors; default: the factory model in edge/models/),
 //! PHASE_S (seconds per phase, default 30), MEMORY_MIN (minutes of the memory run, default 10),
 //! RAYON_NUM_THREADS (the script sets 2 for both).
 
@@ -203,17 +203,12 @@ fn main() {
     let model = match std::env::var("MODEL") {
         Ok(m) => m,
         Err(_) => {
-            run_ok(
-                "trainer",
-                &[
-                    "init-model",
-                    "--size",
-                    "edge",
-                    "--out",
-                    &d("edge.safetensors"),
-                ],
-            );
-            d("edge.safetensors")
+            // The factory-default model that ships with the edge (pruned, INT8 weights).
+            let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../edge/models/neu-edge.edgepkg");
+            let package = protocol::package::Package::read(&shipped).expect("factory package");
+            std::fs::write(d("factory.safetensors"), &package.weights).unwrap();
+            d("factory.safetensors")
         }
     };
     let small = write_frames(dir.path(), 224, 224, 16);
