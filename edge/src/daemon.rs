@@ -119,7 +119,11 @@ impl Daemon {
         let topics = Topics::new(&config.device.site)?;
         std::fs::create_dir_all(&config.storage.dir)?;
         let mut store = ModelStore::open(&config.storage.dir.join("models"), config.models.keep)?;
-        let db = sled::open(config.storage.dir.join("transfers.sled"))?;
+        // Transfers hold at most a package or two: a small page cache.
+        let db = sled::Config::new()
+            .path(config.storage.dir.join("transfers.sled"))
+            .cache_capacity(16 << 20)
+            .open()?;
         let verdicts = Arc::new(VerdictStore::open(
             &config.storage.dir.join("verdicts.sled"),
             config.store.clone(),

@@ -38,6 +38,14 @@ pub struct StoreConfig {
     /// JPEG quality of stored frames and crops.
     #[serde(default = "default_quality")]
     pub jpeg_quality: u8,
+    /// Memory sled may use to cache the store's pages, MiB (sled's own default is 1 GiB, which
+    /// a long run fills: resident memory then grows with the store).
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+fn default_cache_mb() -> u64 {
+    32
 }
 
 fn default_max_verdicts() -> u64 {
@@ -64,6 +72,7 @@ impl Default for StoreConfig {
             max_image_mb: default_max_image_mb(),
             keep_frames: default_keep_frames(),
             jpeg_quality: default_quality(),
+            cache_mb: default_cache_mb(),
         }
     }
 }
@@ -108,7 +117,11 @@ impl From<sled::Error> for StoreError {
 
 impl VerdictStore {
     pub fn open(path: &Path, config: StoreConfig) -> Result<Self, StoreError> {
-        let db = sled::open(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(config.cache_mb << 20)
+            .open()
+            .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         Ok(Self {
             verdicts: db.open_tree("verdicts")?,
             outbox: db.open_tree("outbox")?,

@@ -14,7 +14,7 @@
 //!
 //! Environment: MODEL (a detector .safetensors; default: the factory model in edge/models/),
 //! PHASE_S (seconds per phase, default 30), MEMORY_MIN (minutes of the memory run, default 10),
-//! RAYON_NUM_THREADS (the script sets 2 for both).
+//! ONLY_MEMORY (skip the throughput phases), RAYON_NUM_THREADS (the script sets 2 for both).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -279,10 +279,14 @@ fn main() {
         "drop %",
         "x detector"
     );
+    let only_memory = std::env::var("ONLY_MEMORY").is_ok();
     for (label, folder, tile, tiles_per_frame) in [
         ("224x224", &small, 0usize, 1.0),
         ("2048x1024", &large, 224, 66.0),
     ] {
+        if only_memory {
+            break;
+        }
         let reference_fps = ref_tiles_s / tiles_per_frame;
         let seconds = phase_s * if tiles_per_frame > 1.0 { 2.0 } else { 1.0 };
         let capacity = bench.phase(folder, tile, 0.0, true, seconds, |_, _| {});
