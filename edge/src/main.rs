@@ -117,8 +117,22 @@ fn main() -> Result<()> {
         }
         Command::Cameras => list_cameras()?,
         Command::Info { model } => {
-            let bytes =
+            let mut bytes =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            if bytes.starts_with(protocol::package::MAGIC) {
+                let package =
+                    protocol::package::Package::from_bytes(bytes, &model.display().to_string())?;
+                let m = protocol::package::Manifest::from_json(&package.manifest_bytes)?;
+                println!(
+                    "package {} v{}: quantization {}, metrics {:?}, {} golden sample(s) (signature not checked here)",
+                    m.id,
+                    m.version,
+                    m.quantization,
+                    m.metrics,
+                    m.golden.len()
+                );
+                bytes = package.weights;
+            }
             let quantization = edge::detector::quant::quantization_of(&bytes);
             let detector =
                 Detector::from_bytes(bytes.clone(), &model.display().to_string(), &device)?;

@@ -31,6 +31,15 @@ fn shipped_factory_package_verifies_and_self_tests() {
     .unwrap();
     assert_eq!(detector.config.classes, edge::detector::NEU_CLASSES);
 
+    // Tools load the package directly (`edge detect --model`, `trainer eval --model`).
+    let direct =
+        edge::detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
+    assert_eq!(direct.config, detector.config);
+    let e = edge::detector::Detector::load(models.join("release.pub"), &Device::flex())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("release.pub"), "{e}");
+
     // The example config trusts the release key and installs this package.
     let config = edge::config::EdgeConfig::load(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/edge.toml"),

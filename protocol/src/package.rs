@@ -16,7 +16,8 @@ use crate::{ProtocolError, sha256_hex};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
-const MAGIC: &[u8; 8] = b"EDGEPKG\x01";
+/// First bytes of every package file.
+pub const MAGIC: &[u8; 8] = b"EDGEPKG\x01";
 /// The manifest schema this build reads and writes.
 pub const MANIFEST_FORMAT: u32 = 1;
 const MAX_MANIFEST: usize = 8 << 20;

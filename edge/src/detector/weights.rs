@@ -144,10 +144,19 @@ impl Detector {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Loads a model file, or the model inside a package (`.edgepkg`, e.g. the factory model in
+    /// edge/models/). The package's signature is not checked here: that is the daemon's job,
+    /// against its trusted keys; tools that only run the model locally read the weights.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, DetectorError> {
         let path = path.as_ref();
-        let bytes = read(path)?;
-        Self::from_bytes(bytes, &path.display().to_string(), device)
+        let origin = path.display().to_string();
+        let mut bytes = read(path)?;
+        if bytes.starts_with(protocol::package::MAGIC) {
+            bytes = protocol::package::Package::from_bytes(bytes, &origin)
+                .map_err(|e| bad(&origin, e.to_string()))?
+                .weights;
+        }
+        Self::from_bytes(bytes, &origin, device)
     }
 
     /// Reads a model file produced by [`Detector::to_bytes`]; `origin` names it in errors.
