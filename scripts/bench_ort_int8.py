@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The peer for `scripts/bench-compress`: our edge detector's architecture (timm Swin embed 48,
+"""The peer for `scripts/bench-compress` (timing as in bench_reference.py): our edge detector's architecture (timm Swin embed 48,
 depths 2-2-2-2, heads 2-4-8-16, + the FPN neck and FCOS-style head of edge::detector::head) in
 PyTorch, exported to ONNX and run by ONNX Runtime in FP32 and after ORT's dynamic INT8
 quantization (`quantize_dynamic`, per-channel weights, QInt8), same CPU, same thread count.
@@ -8,7 +8,6 @@ Needs: pip install torch timm onnx onnxruntime."""
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -17,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
+
+from bench_reference import timed
 
 
 class Head(nn.Module):
@@ -70,17 +71,6 @@ class EdgeDetector(nn.Module):
         return self.head([f.permute(0, 3, 1, 2) for f in feats[1:]])
 
 
-def timed(fn, warmup, runs):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -108,7 +98,7 @@ def main():
         for batch in (1, 8):
             x = torch.randn(batch, 3, 224, 224).numpy()
             runs = args.runs if batch == 1 else (args.runs + 1) // 2
-            row[f"b{batch}_ms"] = round(timed(lambda: sess.run(None, {"x": x}), 2, runs), 2)
+            row[f"b{batch}_ms"] = round(timed(lambda: sess.run(None, {"x": x}), 2, runs)[0], 2)
         print(json.dumps(row))
         sys.stdout.flush()
 

@@ -56,18 +56,9 @@ fn write_frames(dir: &Path, width: u32, height: u32, n: usize) -> PathBuf {
     std::fs::create_dir_all(&folder).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(width));
     for i in 0..n {
-        let img = if width == edge::synth::SIZE + 24 {
-            // 224x224: one synthetic tile, resized as a 224-px area camera would see it.
-            image::imageops::resize(
-                &frame(200, 200, &mut rng),
-                width,
-                height,
-                image::imageops::FilterType::Triangle,
-            )
-        } else {
-            frame(width, height, &mut rng)
-        };
-        img.save(folder.join(format!("{i:03}.jpg"))).unwrap();
+        frame(width, height, &mut rng)
+            .save(folder.join(format!("{i:03}.jpg")))
+            .unwrap();
     }
     folder
 }
@@ -213,21 +204,12 @@ fn main() {
     };
     let small = write_frames(dir.path(), 224, 224, 16);
     let large = write_frames(dir.path(), 2048, 1024, 3);
-    run_ok(
-        "trainer",
-        &[
-            "package",
-            "--model",
-            &model,
-            "--key",
-            &d("keys/fleet.key"),
-            "--version",
-            "1",
-            "--golden",
-            &small.join("000.jpg").display().to_string(),
-            "--out",
-            &d("m.edgepkg"),
-        ],
+    e2e::package(
+        Path::new(&model),
+        &dir.path().join("keys/fleet.key"),
+        1,
+        &small.join("000.jpg"),
+        &dir.path().join("m.edgepkg"),
     );
 
     // Reference: the detector alone on batches of 8 tiles.

@@ -7,6 +7,7 @@
 //! and restarted; how many chunks are sent in all, and how long the transfer took against the
 //! uninterrupted one.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use e2e::{Broker, Edge, Watcher, edge_config, run_ok};
@@ -30,25 +31,16 @@ fn main() {
     let golden = d("synth/images/crazing_1.jpg");
     let fleet_pub = std::fs::read_to_string(dir.path().join("keys/fleet.pub")).unwrap();
     let mut packages = vec![];
-    for (version, size) in [("1", "nano"), ("2", "edge"), ("3", "tiny")] {
+    for (version, size) in [(1, "nano"), (2, "edge"), (3, "tiny")] {
         let model = d(&format!("{size}.safetensors"));
         run_ok("trainer", &["init-model", "--size", size, "--out", &model]);
         let pkg = d(&format!("{size}.edgepkg"));
-        run_ok(
-            "trainer",
-            &[
-                "package",
-                "--model",
-                &model,
-                "--key",
-                &d("keys/fleet.key"),
-                "--version",
-                version,
-                "--golden",
-                &golden,
-                "--out",
-                &pkg,
-            ],
+        e2e::package(
+            Path::new(&model),
+            &dir.path().join("keys/fleet.key"),
+            version,
+            Path::new(&golden),
+            Path::new(&pkg),
         );
         packages.push((size, pkg));
     }

@@ -55,6 +55,27 @@ pub fn run_ok(name: &str, args: &[&str]) -> String {
     out
 }
 
+/// `trainer package`: signs `model` with `key` as `version`, one golden image.
+pub fn package(model: &Path, key: &Path, version: u64, golden: &Path, out: &Path) {
+    let s = |p: &Path| p.display().to_string();
+    run_ok(
+        "trainer",
+        &[
+            "package",
+            "--model",
+            &s(model),
+            "--key",
+            &s(key),
+            "--version",
+            &version.to_string(),
+            "--golden",
+            &s(golden),
+            "--out",
+            &s(out),
+        ],
+    );
+}
+
 /// Runs a binary; returns (success, stdout + stderr).
 pub fn run(name: &str, args: &[&str]) -> (bool, String) {
     let output = Command::new(bin(name))

@@ -46,21 +46,12 @@ fn fixture() -> &'static Fixture {
             "trainer",
             &["init-model", "--size", "nano", "--out", &d("m.safetensors")],
         );
-        run_ok(
-            "trainer",
-            &[
-                "package",
-                "--model",
-                &d("m.safetensors"),
-                "--key",
-                &d("keys/fleet.key"),
-                "--version",
-                "1",
-                "--golden",
-                &d("synth/images/crazing_1.jpg"),
-                "--out",
-                &d("v1.edgepkg"),
-            ],
+        e2e::package(
+            &dir.join("m.safetensors"),
+            &dir.join("keys/fleet.key"),
+            1,
+            &dir.join("synth/images/crazing_1.jpg"),
+            &dir.join("v1.edgepkg"),
         );
         let public = std::fs::read_to_string(dir.join("keys/fleet.pub"))
             .unwrap()
@@ -337,26 +328,13 @@ fn http_health_metrics_verdicts_and_frames() {
 fn synthetic_strip_verdicts_match_its_ground_truth() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let d = |n: &str| dir.path().join(n).display().to_string();
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/strip-nano.safetensors");
-    run_ok(
-        "trainer",
-        &[
-            "package",
-            "--model",
-            &model.display().to_string(),
-            "--key",
-            &f.dir.join("keys/fleet.key").display().to_string(),
-            "--version",
-            "1",
-            "--golden",
-            &f.dir
-                .join("synth/images/patches_1.jpg")
-                .display()
-                .to_string(),
-            "--out",
-            &d("strip.edgepkg"),
-        ],
+    e2e::package(
+        &model,
+        &f.dir.join("keys/fleet.key"),
+        1,
+        &f.dir.join("synth/images/patches_1.jpg"),
+        &dir.path().join("strip.edgepkg"),
     );
     const FRAMES: u64 = 60;
     let (tiles, height, rate, seed) = (2, 200, 0.5, 21);

@@ -18,20 +18,12 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use edge::detector::quant::{self, quantize_weights};
-use edge::detector::{Detector, DetectorConfig};
+use edge::detector::quant::{self, channel_axis, dequantize_weights, f32_values, quantize_weights};
+use edge::detector::{CONFIG_KEY, Detector, DetectorConfig, PRUNING_KEY};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::data::{self, voc::Sample};
-
-const CONFIG_KEY: &str = "detector_config";
-
-fn f32s(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
 
 fn bytes_of(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -56,7 +48,7 @@ impl ModelFile {
                     view.dtype()
                 );
             }
-            tensors.insert(name, (view.shape().to_vec(), f32s(view.data())));
+            tensors.insert(name, (view.shape().to_vec(), f32_values(view.data())));
         }
         Ok(Self {
             tensors,
@@ -211,7 +203,7 @@ pub fn prune_keep(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Pru
     file.metadata
         .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
     file.metadata
-        .insert("pruning".into(), serde_json::to_string(&report)?);
+        .insert(PRUNING_KEY.into(), serde_json::to_string(&report)?);
     Ok((file.to_bytes()?, report))
 }
 
@@ -227,34 +219,25 @@ pub struct Sensitivity {
 fn quantizable(file: &ModelFile) -> Vec<String> {
     file.tensors
         .iter()
-        .filter(|(n, (s, _))| {
-            n.ends_with(".weight")
-                && (s.len() == 2 || s.len() == 4)
-                && s.iter().product::<usize>() >= 1024
-        })
+        .filter(|(n, (s, _))| channel_axis(n, s).is_some())
         .map(|(n, _)| n.clone())
         .collect()
 }
 
 /// The model with `names` rounded through INT8 (the numbers a quantized file loads as).
 fn fake_quantized(file: &ModelFile, names: &[String]) -> ModelFile {
-    let mut out = ModelFile {
-        tensors: file.tensors.clone(),
-        metadata: file.metadata.clone(),
-    };
+    let mut tensors = file.tensors.clone();
     for name in names {
         let (shape, values) = &file.tensors[name];
-        let axis = if shape.len() == 2 { 1 } else { 0 };
+        let axis = channel_axis(name, shape).expect("a quantizable weight");
         let (q, scales) = quantize_weights(values, shape, axis);
-        let inner: usize = shape[axis + 1..].iter().product();
-        let deq = q
-            .iter()
-            .enumerate()
-            .map(|(i, v)| *v as f32 * scales[(i / inner) % shape[axis]])
-            .collect();
-        out.tensors.insert(name.clone(), (shape.clone(), deq));
+        let values = dequantize_weights(&q, &scales, shape, axis);
+        tensors.insert(name.clone(), (shape.clone(), values));
     }
-    out
+    ModelFile {
+        tensors,
+        metadata: file.metadata.clone(),
+    }
 }
 
 /// Class logits and box distances of a calibration batch, flattened.

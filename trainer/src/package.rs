@@ -93,7 +93,12 @@ pub fn build(
         quantization: edge::detector::quant::quantization_of(&weights),
         pruning: safetensors::SafeTensors::read_metadata(&weights)
             .ok()
-            .and_then(|(_, h)| h.metadata().as_ref()?.get("pruning").cloned())
+            .and_then(|(_, h)| {
+                h.metadata()
+                    .as_ref()?
+                    .get(edge::detector::PRUNING_KEY)
+                    .cloned()
+            })
             .and_then(|json| serde_json::from_str(&json).ok()),
         metrics: spec.metrics.clone(),
         weights: WeightsRef {

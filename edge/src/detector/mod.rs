@@ -16,6 +16,7 @@ use burn::tensor::activation::sigmoid;
 pub use head::{Detection, DetectionHead, HeadConfig, HeadOutput};
 pub use preprocess::{ImageView, InverseTransform, Preprocess, ResizeMode};
 pub use swin::{AttentionImpl, SwinConfig, SwinTransformer};
+pub use weights::{CONFIG_KEY, PRUNING_KEY};
 
 /// Everything that defines a detector: stored with its weights, so a model file is
 /// self-describing.

@@ -35,12 +35,11 @@ pub struct QuantReport {
     pub quantized: Vec<String>,
     /// Weights that could have been quantized but were kept in F32 on request.
     pub kept: Vec<String>,
-    pub bytes_before: usize,
-    pub bytes_after: usize,
 }
 
-/// Output-channel axis of a weight worth quantizing, or None.
-fn channel_axis(name: &str, shape: &[usize]) -> Option<usize> {
+/// Output-channel axis of a weight worth quantizing (named `*.weight`, 2-D Linear or 4-D conv,
+/// at least [`MIN_ELEMENTS`]), or None.
+pub fn channel_axis(name: &str, shape: &[usize]) -> Option<usize> {
     if !name.ends_with(".weight") || shape.iter().product::<usize>() < MIN_ELEMENTS {
         return None;
     }
@@ -51,7 +50,8 @@ fn channel_axis(name: &str, shape: &[usize]) -> Option<usize> {
     }
 }
 
-fn f32s(data: &[u8]) -> Vec<f32> {
+/// Little-endian F32 tensor bytes as values.
+pub fn f32_values(data: &[u8]) -> Vec<f32> {
     data.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
@@ -84,6 +84,15 @@ pub fn quantize_weights(values: &[f32], shape: &[usize], axis: usize) -> (Vec<i8
     (q, scales)
 }
 
+/// `q x scale` of each element's channel: the F32 weights a quantized file loads as.
+pub fn dequantize_weights(q: &[i8], scales: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
+    let channel = channel_of(shape, axis);
+    q.iter()
+        .enumerate()
+        .map(|(i, v)| *v as f32 * scales[channel(i)])
+        .collect()
+}
+
 /// Quantizes every eligible weight of a model file except those `keep_fp32` names.
 pub fn quantize(
     bytes: &[u8],
@@ -94,10 +103,7 @@ pub fn quantize(
         .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
     let tensors = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
-    let mut report = QuantReport {
-        bytes_before: bytes.len(),
-        ..Default::default()
-    };
+    let mut report = QuantReport::default();
     // Owned buffers first, views over them after.
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![];
     for (name, view) in tensors.tensors() {
@@ -111,7 +117,7 @@ pub fn quantize(
                 owned.push((name, Dtype::F32, shape, view.data().to_vec()));
             }
             (Dtype::F32, Some(axis)) => {
-                let (q, scales) = quantize_weights(&f32s(view.data()), &shape, axis);
+                let (q, scales) = quantize_weights(&f32_values(view.data()), &shape, axis);
                 let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
                 owned.push((
                     format!("{name}{SCALE}"),
@@ -142,7 +148,6 @@ pub fn quantize(
         .collect::<Result<Vec<_>, _>>()?;
     let out = safetensors::serialize(views, Some(metadata))
         .map_err(|e| bad(origin, format!("writing: {e}")))?;
-    report.bytes_after = out.len();
     Ok((out, report))
 }
 
@@ -196,16 +201,14 @@ pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<Vec<u8>, DetectorError
                         ),
                     ));
                 }
-                let scales = f32s(scales.data());
+                let scales = f32_values(scales.data());
                 if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
                     return Err(bad(origin, format!("`{scale_name}` holds the scale {s}")));
                 }
-                let channel = channel_of(&shape, axis);
-                let data: Vec<u8> = view
-                    .data()
+                let q: Vec<i8> = view.data().iter().map(|b| *b as i8).collect();
+                let data: Vec<u8> = dequantize_weights(&q, &scales, &shape, axis)
                     .iter()
-                    .enumerate()
-                    .flat_map(|(i, q)| ((*q as i8) as f32 * scales[channel(i)]).to_le_bytes())
+                    .flat_map(|v| v.to_le_bytes())
                     .collect();
                 owned.push((name, shape, data));
             }

@@ -12,7 +12,9 @@ use super::swin::SwinTransformer;
 use super::{Detector, DetectorConfig, DetectorError};
 
 /// Header key under which a model file stores its `DetectorConfig` as JSON.
-const CONFIG_KEY: &str = "detector_config";
+pub const CONFIG_KEY: &str = "detector_config";
+/// Header key of the pruning report (`trainer compress --flops`), JSON.
+pub const PRUNING_KEY: &str = "pruning";
 
 fn bad(path: &str, reason: impl Into<String>) -> DetectorError {
     DetectorError::BadWeights {
