@@ -29,6 +29,9 @@ pub struct EdgeConfig {
     /// HTTP endpoints (health, metrics, verdicts, frames); absent: no HTTP server.
     #[serde(default)]
     pub http: Option<HttpSection>,
+    /// The review queue and labeling page (served under [http]); absent: no queue.
+    #[serde(default)]
+    pub review: Option<crate::review::ReviewConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -228,6 +231,12 @@ impl EdgeConfig {
         }
         if self.models.max_trial_boots == 0 {
             return Err("models.max_trial_boots: must be at least 1".into());
+        }
+        if let Some(review) = &self.review {
+            review.validate()?;
+            if self.http.is_none() {
+                return Err("review: the labeling page is served over HTTP: add [http]".into());
+            }
         }
         Ok(())
     }

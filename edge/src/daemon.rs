@@ -71,6 +71,8 @@ pub struct Daemon {
     client: Option<AsyncClient>,
     trial_deadline: Option<tokio::time::Instant>,
     pub verdicts: Arc<VerdictStore>,
+    /// Frames waiting for a quality engineer (`[review]`).
+    pub review: Option<Arc<crate::review::ReviewQueue>>,
     pub stats: Arc<PipelineStats>,
     outbox_notify: Arc<tokio::sync::Notify>,
     pub metrics: Arc<crate::http::Metrics>,
@@ -132,8 +134,16 @@ impl Daemon {
         if removed > 0 {
             tracing::info!("retention: removed {removed} old verdicts");
         }
+        let review = match &config.review {
+            Some(r) => Some(Arc::new(crate::review::ReviewQueue::open(
+                &config.storage.dir.join("review.sled"),
+                r.clone(),
+            )?)),
+            None => None,
+        };
         let mut daemon = Self {
             verdicts,
+            review,
             stats: Arc::new(PipelineStats::default()),
             outbox_notify: Arc::new(tokio::sync::Notify::new()),
             metrics: Arc::new(crate::http::Metrics::default()),
@@ -845,12 +855,24 @@ impl Daemon {
                     store: self.verdicts.clone(),
                     active: self.active.clone(),
                     queue: self.queue_handle.clone(),
+                    review: self.review.clone(),
                     has_source: self.config.source.is_some(),
                     last_scrape: Arc::new(std::sync::Mutex::new((Instant::now(), 0))),
                 };
+                let labeling = self
+                    .review
+                    .clone()
+                    .map(|queue| crate::labeling::LabelingState {
+                        queue,
+                        active: self.active.clone(),
+                        device: self.config.device.id.clone(),
+                        tile: self.config.pipeline.tile,
+                        tile_overlap: self.config.pipeline.tile_overlap,
+                        heatmap_lock: Default::default(),
+                    });
                 let mut stopped = http_stopped.clone();
                 Some(tokio::spawn(async move {
-                    let serve = axum::serve(listener, crate::http::router(state))
+                    let serve = axum::serve(listener, crate::http::router(state, labeling))
                         .with_graceful_shutdown(async move {
                             let _ = stopped.wait_for(|s| *s).await;
                         });
@@ -1076,6 +1098,7 @@ impl Daemon {
         let inference = {
             let (queue, active, store) =
                 (queue.clone(), self.active.clone(), self.verdicts.clone());
+            let review = self.review.clone();
             let device = self.config.device.id.clone();
             let notify = self.outbox_notify.clone();
             let metrics = self.metrics.clone();
@@ -1114,6 +1137,11 @@ impl Daemon {
                             if let Err(e) = store.record(&verdict, &d.frame.image) {
                                 tracing::error!("verdict {} not stored: {e}", verdict.id);
                                 return;
+                            }
+                            if let Some(review) = &review
+                                && let Err(e) = review.consider(&verdict, &d.frame.image)
+                            {
+                                tracing::error!("review queue: frame {}: {e}", verdict.id);
                             }
                             // Retention walks from the oldest verdict: keep it off every frame.
                             if verdict.id.is_multiple_of(64)

@@ -41,6 +41,9 @@ pub struct Metrics {
     outbox_pending: Gauge,
     model_version: Gauge,
     fps: Gauge<f64, std::sync::atomic::AtomicU64>,
+    review_pending: Gauge,
+    review_labeled: Gauge,
+    review_evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -58,6 +61,9 @@ impl Default for Metrics {
             outbox_pending: Gauge::default(),
             model_version: Gauge::default(),
             fps: Gauge::default(),
+            review_pending: Gauge::default(),
+            review_labeled: Gauge::default(),
+            review_evicted: Counter::default(),
             registry: std::sync::Mutex::new(Registry::default()),
         };
         registry.register("verdicts", "Verdicts by result", m.verdicts.clone());
@@ -103,6 +109,21 @@ impl Default for Metrics {
             "Verdicts per second over the last scrape interval",
             m.fps.clone(),
         );
+        registry.register(
+            "review_pending",
+            "Frames waiting for a labeler ([review])",
+            m.review_pending.clone(),
+        );
+        registry.register(
+            "review_labeled",
+            "Labeled frames kept for export ([review])",
+            m.review_labeled.clone(),
+        );
+        registry.register(
+            "review_evicted",
+            "Unlabeled frames dropped from the full review queue",
+            m.review_evicted.clone(),
+        );
         *m.registry.lock().expect("lock") = registry;
         m
     }
@@ -117,19 +138,25 @@ pub struct AppState {
     pub active: ActiveModel,
     pub queue:
         Arc<std::sync::Mutex<Option<Arc<crate::pipeline::BoundedQueue<crate::source::Frame>>>>>,
+    pub review: Option<Arc<crate::review::ReviewQueue>>,
     /// Whether a source is configured (readiness then needs it running).
     pub has_source: bool,
     pub last_scrape: Arc<std::sync::Mutex<(std::time::Instant, u64)>>,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The daemon's routes, and the labeling page's when `[review]` is configured.
+pub fn router(state: AppState, labeling: Option<crate::labeling::LabelingState>) -> Router {
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/verdicts", get(verdicts))
         .route("/api/frames/{file}", get(frame))
-        .with_state(state)
+        .with_state(state);
+    match labeling {
+        Some(l) => router.merge(crate::labeling::routes(l)),
+        None => router,
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -174,6 +201,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
         m.queue_depth.set(q.len() as i64);
     }
     m.outbox_pending.set(s.store.pending() as i64);
+    if let Some(r) = &s.review {
+        let [pending, labeled] = r.counts();
+        m.review_pending.set(pending as i64);
+        m.review_labeled.set(labeled as i64);
+        sync_counter(&m.review_evicted, r.stats.evicted.load(Ordering::Relaxed));
+    }
     let version = s
         .active
         .read()

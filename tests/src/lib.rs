@@ -37,7 +37,7 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn wait_port(port: u16, timeout: Duration) -> bool {
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
     let until = Instant::now() + timeout;
     while Instant::now() < until {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -5,6 +5,7 @@ pub mod compress;
 pub mod data;
 pub mod eval;
 pub mod finetune;
+pub mod from_edge;
 pub mod package;
 pub mod progress;
 pub mod report;

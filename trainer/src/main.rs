@@ -244,11 +244,23 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
-    /// Fine-tune the detector on a VOC / NEU-DET folder; writes a run folder.
+    /// Fine-tune the detector on a VOC / NEU-DET folder, or on the frames labeled on an edge's
+    /// review page (--from-edge); writes a run folder.
     Finetune {
         /// Dataset folder with images/ and annotations/.
+        #[arg(
+            long,
+            required_unless_present = "from_edge",
+            conflicts_with = "from_edge"
+        )]
+        data: Option<PathBuf>,
+        /// Train on what quality engineers labeled on an edge: its URL (http://HOST:PORT) or its
+        /// /api/dataset URL. The set is downloaded to OUT/edge-dataset (kept on --resume).
         #[arg(long)]
-        data: PathBuf,
+        from_edge: Option<String>,
+        /// Labeling token for --from-edge (one of the edge's review.labelers).
+        #[arg(long, env = "EDGE_REVIEW_TOKEN", hide_env_values = true)]
+        edge_token: Option<String>,
         /// Run folder (config.json, metrics.jsonl, checkpoint/, best.safetensors, model.safetensors, report/).
         #[arg(long)]
         out: PathBuf,
@@ -572,6 +584,8 @@ fn main() -> Result<()> {
         }
         Command::Finetune {
             data,
+            from_edge,
+            edge_token,
             out,
             init,
             shots,
@@ -595,6 +609,29 @@ fn main() -> Result<()> {
             max_steps,
             resume,
         } => {
+            let data = match (data, from_edge) {
+                (Some(d), _) => d,
+                (None, Some(url)) => {
+                    let dir = out.join("edge-dataset");
+                    if resume && dir.join("images").is_dir() {
+                        println!(
+                            "--resume: training on the set fetched before, {}",
+                            dir.display()
+                        );
+                    } else {
+                        let token = edge_token.context(
+                            "--from-edge needs --edge-token (or EDGE_REVIEW_TOKEN): a token from the edge's review.labelers",
+                        )?;
+                        let n = trainer::from_edge::fetch(&url, &token, &dir)?;
+                        println!(
+                            "fetched {n} labeled frames from {url} into {}",
+                            dir.display()
+                        );
+                    }
+                    dir
+                }
+                (None, None) => unreachable!("clap requires --data or --from-edge"),
+            };
             let mut config = FinetuneConfig::new(data);
             config.init = init;
             config.shots = shots;

@@ -7,6 +7,7 @@ pub mod loss;
 pub mod nms;
 pub mod preprocess;
 pub mod quant;
+pub mod saliency;
 pub mod swin;
 mod weights;
 

@@ -11,27 +11,6 @@ pub use edge::synth::{DrawnDefect, SIZE, generate};
 
 use super::voc::DataError;
 
-/// VOC XML for one image, in NEU-DET's shape.
-pub fn voc_xml(
-    filename: &str,
-    width: u32,
-    height: u32,
-    defects: &[DrawnDefect],
-    classes: &[String],
-) -> String {
-    let mut xml = format!(
-        "<annotation>\n\t<folder>synthetic</folder>\n\t<filename>{filename}</filename>\n\t<source>\n\t\t<database>synthetic NEU-DET</database>\n\t</source>\n\t<size>\n\t\t<width>{width}</width>\n\t\t<height>{height}</height>\n\t\t<depth>1</depth>\n\t</size>\n\t<segmented>0</segmented>\n"
-    );
-    for d in defects {
-        xml.push_str(&format!(
-            "\t<object>\n\t\t<name>{}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{}</xmin>\n\t\t\t<ymin>{}</ymin>\n\t\t\t<xmax>{}</xmax>\n\t\t\t<ymax>{}</ymax>\n\t\t</bndbox>\n\t</object>\n",
-            classes[d.class_id], d.bbox[0] as u32, d.bbox[1] as u32, d.bbox[2] as u32, d.bbox[3] as u32
-        ));
-    }
-    xml.push_str("</annotation>\n");
-    xml
-}
-
 /// Writes `per_class` images of each class, and `clean` defect-free images (`clean_N`, an
 /// annotation without objects: what a detector must learn to pass), to `out/images` and
 /// `out/annotations`.
@@ -70,7 +49,16 @@ pub fn write_dataset(
             let xml_path = annotations.join(format!("{stem}.xml"));
             std::fs::write(
                 &xml_path,
-                voc_xml(&format!("{stem}.jpg"), SIZE, SIZE, &defects, classes),
+                edge::voc::voc_xml(
+                    &format!("{stem}.jpg"),
+                    SIZE,
+                    SIZE,
+                    "synthetic NEU-DET",
+                    &defects
+                        .iter()
+                        .map(|d| (classes[d.class_id].as_str(), d.bbox))
+                        .collect::<Vec<_>>(),
+                ),
             )
             .map_err(io(&xml_path))?;
             written += 1;

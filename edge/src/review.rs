@@ -1,0 +1,843 @@
+//! The review queue behind the labeling page: frames a quality engineer should look at (failed
+//! ones, ones whose top score falls in an uncertain band, a sample of passes), stored in sled
+//! with their JPEG, a thumbnail and the model's predictions; the labels engineers save (boxes or
+//! "no defect", who and when); and the export of the labeled set in the NEU-DET VOC layout.
+//!
+//! Bounds: at most `max_pending` unlabeled frames (the oldest unlabeled one makes room for a new
+//! one); labeled frames are never dropped to make room: once `max_labeled` are kept, new frames
+//! are not queued until some are exported and discarded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use image::GrayImage;
+use protocol::{Defect, Verdict};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// `[review]` in the daemon config.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewConfig {
+    /// Labeler name -> API token. The name is recorded with every label the token saves.
+    pub labelers: BTreeMap<String, String>,
+    /// Classes offered on the page (keys 1-9 pick them), in this order.
+    #[serde(default = "default_classes")]
+    pub classes: Vec<String>,
+    /// Fraction of failed frames queued.
+    #[serde(default = "one")]
+    pub failed_rate: f64,
+    /// Passing frames whose top score is in [low, high) are uncertain.
+    #[serde(default = "default_band")]
+    pub uncertain: [f32; 2],
+    /// Fraction of uncertain frames queued.
+    #[serde(default = "one")]
+    pub uncertain_rate: f64,
+    /// Fraction of the other passing frames queued (a check on what the model lets through).
+    #[serde(default = "default_pass_rate")]
+    pub pass_rate: f64,
+    /// Unlabeled frames kept (oldest go first).
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Labeled frames kept; when reached, nothing new is queued.
+    #[serde(default = "default_max_labeled")]
+    pub max_labeled: usize,
+}
+
+fn default_classes() -> Vec<String> {
+    crate::detector::NEU_CLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_band() -> [f32; 2] {
+    [0.2, 0.5]
+}
+fn default_pass_rate() -> f64 {
+    0.01
+}
+fn default_max_pending() -> usize {
+    500
+}
+fn default_max_labeled() -> usize {
+    10_000
+}
+
+/// Labeler names and class names: what may appear in a file name or an XML element.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ReviewConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.labelers.is_empty() {
+            return Err("review.labelers: at least one `name = \"token\"`".into());
+        }
+        for (name, token) in &self.labelers {
+            if !valid_name(name) {
+                return Err(format!(
+                    "review.labelers.{name}: names are 1-64 of A-Z a-z 0-9 - _ ."
+                ));
+            }
+            if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "review.labelers.{name}: the token must be at least 16 printable characters without spaces"
+                ));
+            }
+        }
+        let tokens: std::collections::BTreeSet<&String> = self.labelers.values().collect();
+        if tokens.len() != self.labelers.len() {
+            return Err("review.labelers: two labelers share a token".into());
+        }
+        if self.classes.is_empty() || self.classes.len() > 64 {
+            return Err("review.classes: 1 to 64 class names".into());
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            if !valid_name(c) {
+                return Err(format!(
+                    "review.classes[{i}] {c:?}: names are 1-64 of A-Z a-z 0-9 - _ ."
+                ));
+            }
+            if self.classes[..i].contains(c) {
+                return Err(format!("review.classes: {c:?} is listed twice"));
+            }
+        }
+        for (key, rate) in [
+            ("failed_rate", self.failed_rate),
+            ("uncertain_rate", self.uncertain_rate),
+            ("pass_rate", self.pass_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("review.{key}: {rate} is not in [0, 1]"));
+            }
+        }
+        let [lo, hi] = self.uncertain;
+        if !(0.0 <= lo && lo < hi && hi <= 1.0) {
+            return Err(format!(
+                "review.uncertain: [{lo}, {hi}] must be [low, high] with 0 <= low < high <= 1"
+            ));
+        }
+        if self.max_pending == 0 || self.max_labeled == 0 {
+            return Err("review.max_pending and review.max_labeled: at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The labeler a token belongs to.
+    pub fn labeler(&self, token: &str) -> Option<&str> {
+        // Compare every token in full: the time taken does not tell how much of one matched.
+        let mut found = None;
+        for (name, t) in &self.labelers {
+            let same = t.len() == token.len()
+                && t.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            if same {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// Why a frame is in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Failed,
+    Uncertain,
+    Sample,
+}
+
+/// A box drawn by an engineer, in frame pixels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelBox {
+    pub class: String,
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: [f32; 4],
+}
+
+/// What an engineer saved. No boxes: the frame has no defect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    pub boxes: Vec<LabelBox>,
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// Body of `PUT /api/review/{id}/label`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    #[serde(default)]
+    pub boxes: Vec<LabelBox>,
+    /// Required (true) when `boxes` is empty: an explicit "no defect".
+    #[serde(default)]
+    pub no_defect: bool,
+}
+
+/// Most boxes one frame may carry.
+pub const MAX_BOXES: usize = 200;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// The verdict id.
+    pub id: u64,
+    pub reason: Reason,
+    pub queued_ms: u64,
+    pub frame: u64,
+    pub origin: String,
+    pub width: u32,
+    pub height: u32,
+    pub top_score: f32,
+    pub model: Option<(String, u64)>,
+    pub predictions: Vec<Defect>,
+    pub label: Option<Label>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("no frame {0} in the review queue")]
+    NotFound(u64),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("review store: {0}")]
+    Store(String),
+}
+
+impl From<sled::Error> for ReviewError {
+    fn from(e: sled::Error) -> Self {
+        ReviewError::Store(e.to_string())
+    }
+}
+
+#[derive(Default)]
+pub struct ReviewStats {
+    pub queued: AtomicU64,
+    pub evicted: AtomicU64,
+    /// Frames not queued because `max_labeled` labeled frames wait for export.
+    pub refused_full: AtomicU64,
+}
+
+pub struct ReviewQueue {
+    db: sled::Db,
+    items: sled::Tree,
+    pending: sled::Tree,
+    labeled: sled::Tree,
+    /// key: id (8 bytes BE) + kind (0 frame JPEG, 1 thumbnail JPEG).
+    images: sled::Tree,
+    /// key: id -> model sha256 (64 bytes) + PNG.
+    heatmaps: sled::Tree,
+    pub config: ReviewConfig,
+    rng: Mutex<StdRng>,
+    pub stats: ReviewStats,
+}
+
+fn key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn image_key(id: u64, kind: u8) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8] = kind;
+    k
+}
+
+fn id_of(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]))
+}
+
+pub const THUMBNAIL: (u32, u32) = (240, 160);
+
+fn jpeg(image: &GrayImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(image)
+        .expect("encoding to memory");
+    out
+}
+
+impl ReviewQueue {
+    pub fn open(path: &Path, config: ReviewConfig) -> Result<Self, ReviewError> {
+        config.validate().map_err(ReviewError::Invalid)?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 << 20)
+            .open()
+            .map_err(|e| ReviewError::Store(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            items: db.open_tree("items")?,
+            pending: db.open_tree("pending")?,
+            labeled: db.open_tree("labeled")?,
+            images: db.open_tree("images")?,
+            heatmaps: db.open_tree("heatmaps")?,
+            db,
+            config,
+            rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
+            stats: ReviewStats::default(),
+        })
+    }
+
+    /// Whether the verdict's frame goes to review, and why.
+    pub fn reason_for(&self, verdict: &Verdict) -> Option<Reason> {
+        let c = &self.config;
+        let top = verdict.defects.iter().map(|d| d.score).fold(0f32, f32::max);
+        let (reason, rate) = if !verdict.pass {
+            (Reason::Failed, c.failed_rate)
+        } else if top >= c.uncertain[0] && top < c.uncertain[1] {
+            (Reason::Uncertain, c.uncertain_rate)
+        } else {
+            (Reason::Sample, c.pass_rate)
+        };
+        let draw: f64 = self.rng.lock().expect("lock").random();
+        (draw < rate).then_some(reason)
+    }
+
+    /// Queues the frame when the rates say so; returns why it was queued.
+    pub fn consider(
+        &self,
+        verdict: &Verdict,
+        frame: &GrayImage,
+    ) -> Result<Option<Reason>, ReviewError> {
+        let Some(reason) = self.reason_for(verdict) else {
+            return Ok(None);
+        };
+        if self.labeled.len() >= self.config.max_labeled {
+            self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let item = Item {
+            id: verdict.id,
+            reason,
+            queued_ms: verdict.decided_ms,
+            frame: verdict.frame,
+            origin: verdict.origin.clone(),
+            width: frame.width(),
+            height: frame.height(),
+            top_score: verdict.defects.iter().map(|d| d.score).fold(0f32, f32::max),
+            model: verdict.model.clone(),
+            predictions: verdict.defects.clone(),
+            label: None,
+        };
+        let (tw, th) = THUMBNAIL;
+        let s = (tw as f32 / frame.width() as f32).min(th as f32 / frame.height() as f32);
+        let thumb = image::imageops::resize(
+            frame,
+            ((frame.width() as f32 * s).round() as u32).max(1),
+            ((frame.height() as f32 * s).round() as u32).max(1),
+            image::imageops::FilterType::Triangle,
+        );
+        self.images.insert(image_key(item.id, 0), jpeg(frame, 90))?;
+        self.images
+            .insert(image_key(item.id, 1), jpeg(&thumb, 80))?;
+        let k = key(item.id);
+        let bytes = serde_json::to_vec(&item).expect("serializable");
+        (&self.items, &self.pending)
+            .transaction(|(items, pending)| {
+                items.insert(&k, bytes.as_slice())?;
+                pending.insert(&k, &[])?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| ReviewError::Store(format!("{e:?}")))?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        while self.pending.len() > self.config.max_pending {
+            let Some((oldest, _)) = self.pending.first()? else {
+                break;
+            };
+            self.remove(id_of(&oldest))?;
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(reason))
+    }
+
+    fn remove(&self, id: u64) -> Result<bool, ReviewError> {
+        let k = key(id);
+        let existed = self.items.remove(k)?.is_some();
+        self.pending.remove(k)?;
+        self.labeled.remove(k)?;
+        self.images.remove(image_key(id, 0))?;
+        self.images.remove(image_key(id, 1))?;
+        self.heatmaps.remove(k)?;
+        Ok(existed)
+    }
+
+    /// Removes a frame from review (skipped, or exported and no longer wanted).
+    pub fn discard(&self, id: u64) -> Result<bool, ReviewError> {
+        let existed = self.remove(id)?;
+        self.db.flush()?;
+        Ok(existed)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<Item>, ReviewError> {
+        self.items
+            .get(key(id))?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| ReviewError::Store(e.to_string())))
+            .transpose()
+    }
+
+    /// `[pending, labeled]`.
+    pub fn counts(&self) -> [usize; 2] {
+        [self.pending.len(), self.labeled.len()]
+    }
+
+    /// Items newest first: pending ones, labeled ones, or both; only ids below `before`.
+    pub fn list(
+        &self,
+        status: Status,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Item>, ReviewError> {
+        let tree = match status {
+            Status::Pending => &self.pending,
+            Status::Labeled => &self.labeled,
+            Status::All => &self.items,
+        };
+        let end = before.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        for entry in tree.range(..key(end)).rev().take(limit) {
+            let (k, _) = entry?;
+            if let Some(item) = self.get(id_of(&k))? {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The frame (`thumbnail` false) or its thumbnail, JPEG.
+    pub fn jpeg(&self, id: u64, thumbnail: bool) -> Result<Option<Vec<u8>>, ReviewError> {
+        Ok(self
+            .images
+            .get(image_key(id, thumbnail as u8))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Validates and saves a label; the frame moves from pending to labeled. Durable on return.
+    pub fn label(&self, id: u64, request: LabelRequest, by: &str) -> Result<Item, ReviewError> {
+        let mut item = self.get(id)?.ok_or(ReviewError::NotFound(id))?;
+        let invalid = |m: String| Err(ReviewError::Invalid(m));
+        if request.boxes.is_empty() && !request.no_defect {
+            return invalid(
+                "no boxes: draw the defects, or mark the frame \"no defect\" (no_defect: true)"
+                    .into(),
+            );
+        }
+        if !request.boxes.is_empty() && request.no_defect {
+            return invalid("no_defect is true but boxes were sent: choose one".into());
+        }
+        if request.boxes.len() > MAX_BOXES {
+            return invalid(format!(
+                "{} boxes: at most {MAX_BOXES} per frame",
+                request.boxes.len()
+            ));
+        }
+        let (w, h) = (item.width as f32, item.height as f32);
+        let mut boxes = Vec::with_capacity(request.boxes.len());
+        for (i, b) in request.boxes.into_iter().enumerate() {
+            if !self.config.classes.contains(&b.class) {
+                return invalid(format!(
+                    "boxes[{i}]: class {:?} is not one of {:?}",
+                    b.class, self.config.classes
+                ));
+            }
+            let [x1, y1, x2, y2] = b.bbox;
+            if b.bbox.iter().any(|v| !v.is_finite()) {
+                return invalid(format!("boxes[{i}]: coordinates must be numbers"));
+            }
+            // Up to a pixel outside (a drag past the edge) is clipped; more is an error.
+            if x1 < -1.0 || y1 < -1.0 || x2 > w + 1.0 || y2 > h + 1.0 {
+                return invalid(format!(
+                    "boxes[{i}]: [{x1}, {y1}, {x2}, {y2}] is outside the {w}x{h} frame"
+                ));
+            }
+            let bbox = [x1.max(0.0), y1.max(0.0), x2.min(w), y2.min(h)];
+            if bbox[2] - bbox[0] < 1.0 || bbox[3] - bbox[1] < 1.0 {
+                return invalid(format!(
+                    "boxes[{i}]: [{x1}, {y1}, {x2}, {y2}] is empty (x2 > x1 and y2 > y1, at least a pixel)"
+                ));
+            }
+            boxes.push(LabelBox {
+                class: b.class,
+                bbox,
+            });
+        }
+        item.label = Some(Label {
+            boxes,
+            by: by.to_string(),
+            at_ms: crate::source::now_ms(),
+        });
+        let k = key(id);
+        let bytes = serde_json::to_vec(&item).expect("serializable");
+        (&self.items, &self.pending, &self.labeled)
+            .transaction(|(items, pending, labeled)| {
+                items.insert(&k, bytes.as_slice())?;
+                pending.remove(&k)?;
+                labeled.insert(&k, &[])?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| ReviewError::Store(format!("{e:?}")))?;
+        self.db.flush()?;
+        Ok(item)
+    }
+
+    /// A cached heat map made with the model whose weights hash to `model_sha256`.
+    pub fn heatmap(&self, id: u64, model_sha256: &str) -> Result<Option<Vec<u8>>, ReviewError> {
+        Ok(self.heatmaps.get(key(id))?.and_then(|v| {
+            (v.len() > 64 && &v[..64] == model_sha256.as_bytes()).then(|| v[64..].to_vec())
+        }))
+    }
+
+    pub fn store_heatmap(
+        &self,
+        id: u64,
+        model_sha256: &str,
+        png: &[u8],
+    ) -> Result<(), ReviewError> {
+        if model_sha256.len() != 64 || self.items.get(key(id))?.is_none() {
+            return Ok(());
+        }
+        let mut v = model_sha256.as_bytes().to_vec();
+        v.extend_from_slice(png);
+        self.heatmaps.insert(key(id), v)?;
+        Ok(())
+    }
+
+    /// Writes the labeled frames as a tar in the NEU-DET layout: `images/NAME.jpg`,
+    /// `annotations/NAME.xml` (VOC; no objects = no defect) and `labels.jsonl` (who labeled what,
+    /// when, and why it was queued). NAME is `{device}_{id}`. Returns the frames written.
+    pub fn export(&self, device: &str, out: impl Write) -> Result<usize, ReviewError> {
+        let io = |e: std::io::Error| ReviewError::Store(format!("writing the export: {e}"));
+        let mut tar = tar::Builder::new(out);
+        let mut provenance = Vec::new();
+        let mut n = 0;
+        for entry in self.labeled.iter() {
+            let (k, _) = entry?;
+            let id = id_of(&k);
+            let (Some(item), Some(frame)) = (self.get(id)?, self.jpeg(id, false)?) else {
+                continue;
+            };
+            let Some(label) = &item.label else { continue };
+            let name = format!("{device}_{id}");
+            let objects: Vec<(&str, [f32; 4])> = label
+                .boxes
+                .iter()
+                .map(|b| (b.class.as_str(), b.bbox))
+                .collect();
+            let xml = crate::voc::voc_xml(
+                &format!("{name}.jpg"),
+                item.width,
+                item.height,
+                "edge review",
+                &objects,
+            );
+            let mtime = label.at_ms / 1000;
+            append(&mut tar, &format!("images/{name}.jpg"), &frame, mtime).map_err(io)?;
+            append(
+                &mut tar,
+                &format!("annotations/{name}.xml"),
+                xml.as_bytes(),
+                mtime,
+            )
+            .map_err(io)?;
+            let line = serde_json::json!({
+                "name": name, "id": id, "by": label.by, "at_ms": label.at_ms,
+                "reason": item.reason, "model": item.model, "boxes": label.boxes.len(),
+            });
+            provenance.extend_from_slice(line.to_string().as_bytes());
+            provenance.push(b'\n');
+            n += 1;
+        }
+        append(
+            &mut tar,
+            "labels.jsonl",
+            &provenance,
+            crate::source::now_ms() / 1000,
+        )
+        .map_err(io)?;
+        tar.into_inner().and_then(|mut w| w.flush()).map_err(io)?;
+        Ok(n)
+    }
+}
+
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    data: &[u8],
+    mtime: u64,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(mtime);
+    header.set_cksum();
+    tar.append_data(&mut header, path, data)
+}
+
+/// The heat map of where `detector` (with autodiff: [`Detector::with_autodiff`]) looked in
+/// `frame`: Grad-CAM per tile, cut as the pipeline cuts frames (`tile`, `overlap`), each tile's
+/// map weighted by the score of what it explains (a tile where the model found nothing stays
+/// faint; the strongest tile wins in overlaps), drawn as a translucent PNG the size of the frame.
+pub fn heatmap_png(
+    detector: &crate::detector::Detector,
+    frame: &GrayImage,
+    tile: usize,
+    overlap: usize,
+) -> Result<Vec<u8>, crate::detector::DetectorError> {
+    let size = if tile > 0 {
+        tile
+    } else {
+        detector.config.preprocess.input_size[1]
+    };
+    let tiles = crate::pipeline::tiles(frame, size, overlap.min(size / 2));
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let mut heat = vec![0f32; w * h];
+    for chunk in tiles.chunks(4) {
+        let views: Vec<_> = chunk
+            .iter()
+            .map(|(_, _, t)| crate::detector::ImageView::grey(t))
+            .collect();
+        for ((x0, y0, _), map) in chunk.iter().zip(detector.saliency(&views)?) {
+            for y in 0..map.height {
+                let row = (*y0 as usize + y) * w + *x0 as usize;
+                for x in 0..map.width {
+                    let v = &mut heat[row + x];
+                    *v = v.max(map.score * map.values[y * map.width + x]);
+                }
+            }
+        }
+    }
+    let max = heat.iter().copied().fold(0f32, f32::max);
+    if max > 0.0 {
+        heat.iter_mut().for_each(|v| *v /= max);
+    }
+    // Black -> purple -> orange -> yellow, transparent where the model did not look.
+    const STOPS: [[f32; 3]; 4] = [
+        [40.0, 0.0, 90.0],
+        [180.0, 30.0, 120.0],
+        [250.0, 130.0, 20.0],
+        [255.0, 240.0, 60.0],
+    ];
+    let rgba = image::RgbaImage::from_fn(w as u32, h as u32, |x, y| {
+        let v = heat[y as usize * w + x as usize].clamp(0.0, 1.0);
+        let f = v * (STOPS.len() - 1) as f32;
+        let i = (f.floor() as usize).min(STOPS.len() - 2);
+        let t = f - i as f32;
+        let c = |k: usize| (STOPS[i][k] * (1.0 - t) + STOPS[i + 1][k] * t) as u8;
+        let alpha = if v < 0.25 {
+            0
+        } else {
+            (40.0 + 170.0 * v) as u8
+        };
+        image::Rgba([c(0), c(1), c(2), alpha])
+    });
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgba8(rgba)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encoding to memory");
+    Ok(png)
+}
+
+/// Which items a listing shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    #[default]
+    Pending,
+    Labeled,
+    All,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ReviewConfig {
+        ReviewConfig {
+            labelers: [("anna".to_string(), "0123456789abcdef".to_string())].into(),
+            classes: default_classes(),
+            failed_rate: 1.0,
+            uncertain: [0.2, 0.5],
+            uncertain_rate: 1.0,
+            pass_rate: 0.0,
+            max_pending: 3,
+            max_labeled: 2,
+        }
+    }
+
+    fn verdict(id: u64, pass: bool, score: f32) -> Verdict {
+        Verdict {
+            id,
+            device: "cam".into(),
+            frame: id,
+            line: 0,
+            origin: "test".into(),
+            width: 100,
+            height: 60,
+            captured_ms: 1,
+            decided_ms: 2,
+            latency_ms: 1.0,
+            pass,
+            defects: vec![Defect {
+                class: "scratches".into(),
+                score,
+                bbox: [10.0, 10.0, 30.0, 40.0],
+                fails: !pass,
+            }],
+            model: Some(("m".into(), 1)),
+        }
+    }
+
+    fn scratch(bbox: [f32; 4]) -> LabelRequest {
+        LabelRequest {
+            boxes: vec![LabelBox {
+                class: "scratches".into(),
+                bbox,
+            }],
+            no_defect: false,
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let mut c = config();
+        c.labelers.insert("bob".into(), "short".into());
+        assert!(c.validate().unwrap_err().contains("review.labelers.bob"));
+        let mut c = config();
+        c.classes.push("bad/name".into());
+        assert!(c.validate().unwrap_err().contains("review.classes[6]"));
+        let mut c = config();
+        c.uncertain = [0.6, 0.5];
+        assert!(c.validate().unwrap_err().contains("review.uncertain"));
+        let c = config();
+        assert_eq!(c.labeler("0123456789abcdef"), Some("anna"));
+        assert_eq!(c.labeler("0123456789abcdeX"), None);
+        assert_eq!(c.labeler(""), None);
+    }
+
+    #[test]
+    fn queue_bounds_labels_and_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = GrayImage::from_fn(100, 60, |x, y| image::Luma([(x + y) as u8]));
+        let q = ReviewQueue::open(dir.path(), config()).unwrap();
+        // Failed and uncertain frames are queued; a confident pass is not (pass_rate 0).
+        assert_eq!(
+            q.consider(&verdict(1, false, 0.9), &frame).unwrap(),
+            Some(Reason::Failed)
+        );
+        assert_eq!(
+            q.consider(&verdict(2, true, 0.3), &frame).unwrap(),
+            Some(Reason::Uncertain)
+        );
+        assert_eq!(q.consider(&verdict(3, true, 0.05), &frame).unwrap(), None);
+        for id in 4..=5 {
+            q.consider(&verdict(id, false, 0.9), &frame).unwrap();
+        }
+        // max_pending 3: the oldest unlabeled frame made room.
+        assert_eq!(q.counts(), [3, 0]);
+        assert!(q.get(1).unwrap().is_none());
+        assert!(q.jpeg(1, false).unwrap().is_none());
+        let ids: Vec<u64> = q
+            .list(Status::Pending, None, 10)
+            .unwrap()
+            .iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, vec![5, 4, 2], "newest first");
+        let thumb = image::load_from_memory(&q.jpeg(2, true).unwrap().unwrap()).unwrap();
+        assert_eq!((thumb.width(), thumb.height()), (240, 144));
+
+        // Bad labels are refused with the reason.
+        let err = |r| q.label(2, r, "anna").unwrap_err().to_string();
+        assert!(
+            err(LabelRequest {
+                boxes: vec![],
+                no_defect: false
+            })
+            .contains("no defect")
+        );
+        assert!(err(scratch([10.0, 10.0, 10.2, 30.0])).contains("empty"));
+        assert!(err(scratch([10.0, 10.0, 150.0, 30.0])).contains("outside the 100x60 frame"));
+        let mut wrong = scratch([1.0, 1.0, 5.0, 5.0]);
+        wrong.boxes[0].class = "dents".into();
+        assert!(err(wrong).contains("\"dents\" is not one of"));
+        assert!(matches!(
+            q.label(99, scratch([1.0, 1.0, 5.0, 5.0]), "anna"),
+            Err(ReviewError::NotFound(99))
+        ));
+
+        // A label moves the frame to labeled, clipped at the edge, with who and when.
+        let item = q
+            .label(2, scratch([-0.5, 5.0, 100.5, 20.0]), "anna")
+            .unwrap();
+        let label = item.label.unwrap();
+        assert_eq!(label.by, "anna");
+        assert_eq!(label.boxes[0].bbox, [0.0, 5.0, 100.0, 20.0]);
+        q.label(
+            4,
+            LabelRequest {
+                boxes: vec![],
+                no_defect: true,
+            },
+            "anna",
+        )
+        .unwrap();
+        assert_eq!(q.counts(), [1, 2]);
+        // max_labeled 2 reached: nothing new is queued, labeled frames are kept.
+        assert_eq!(q.consider(&verdict(6, false, 0.9), &frame).unwrap(), None);
+        assert_eq!(q.stats.refused_full.load(Ordering::Relaxed), 1);
+
+        // Export: NEU-DET layout, one XML per labeled frame, provenance.
+        let mut tar_bytes = Vec::new();
+        assert_eq!(q.export("cam-01", &mut tar_bytes).unwrap(), 2);
+        let mut archive = tar::Archive::new(tar_bytes.as_slice());
+        let mut files = BTreeMap::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut s).unwrap();
+            files.insert(e.path().unwrap().display().to_string(), s);
+        }
+        let names: Vec<&str> = files.keys().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "annotations/cam-01_2.xml",
+                "annotations/cam-01_4.xml",
+                "images/cam-01_2.jpg",
+                "images/cam-01_4.jpg",
+                "labels.jsonl"
+            ]
+        );
+        let xml = String::from_utf8(files["annotations/cam-01_2.xml"].clone()).unwrap();
+        assert!(xml.contains("<name>scratches</name>"), "{xml}");
+        assert!(
+            xml.contains("<xmin>0</xmin>") && xml.contains("<ymax>20</ymax>"),
+            "{xml}"
+        );
+        let clean = String::from_utf8(files["annotations/cam-01_4.xml"].clone()).unwrap();
+        assert!(!clean.contains("<object>"));
+        let jsonl = String::from_utf8(files["labels.jsonl"].clone()).unwrap();
+        assert!(jsonl.contains("\"by\":\"anna\""), "{jsonl}");
+
+        // Reopened: labels survive; a discarded frame is gone.
+        drop(q);
+        let q = ReviewQueue::open(dir.path(), config()).unwrap();
+        assert_eq!(q.counts(), [1, 2]);
+        assert!(q.discard(4).unwrap());
+        assert!(!q.discard(4).unwrap());
+        assert_eq!(q.counts(), [1, 1]);
+    }
+}
