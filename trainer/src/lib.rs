@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod finetune;
 pub mod from_edge;

@@ -196,6 +196,40 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// The whole product on this machine, no setup: MQTT broker (in-process), data, SimCLR
+    /// pretraining, few-shot fine-tuning, evaluation, INT8 compression, a signed package rolled
+    /// out over MQTT to an edge daemon that inspects a synthetic strip, and a summary checked
+    /// against the strip's ground truth. About 10 minutes on 2 cores.
+    Demo {
+        /// Work folder (data, runs, report, keys, the daemon's state and log).
+        #[arg(long, default_value = "demo-run")]
+        out: PathBuf,
+        /// Use this MQTT broker (HOST:PORT) instead of starting one in-process.
+        #[arg(long)]
+        broker: Option<String>,
+        /// A VOC / NEU-DET folder instead of the synthetic set.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// smoke: seconds per learning stage (checks the plumbing); standard: the demo.
+        #[arg(long, value_enum, default_value = "standard")]
+        budget: trainer::demo::Budget,
+        /// Strip frames the daemon inspects (400x200 each).
+        #[arg(long, default_value_t = 90)]
+        frames: u64,
+        /// Detector the few-shot fine-tune starts from (a nano detector trained on the synthetic
+        /// drawing: the role a factory model plays for a new surface).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/strip-nano.safetensors"))]
+        base: PathBuf,
+        /// Fine-tune from the SimCLR backbone instead of --base (useful with a longer budget).
+        #[arg(long)]
+        from_simclr: bool,
+        /// Factory package the daemon starts with (release.pub must sit beside it).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../edge/models/neu-edge.edgepkg"))]
+        factory: PathBuf,
+        /// Keep the daemon and broker running at the end (open the labeling page); Ctrl-C ends.
+        #[arg(long)]
+        keep_running: bool,
+    },
     /// Write a synthetic NEU-DET-style dataset (JPEG + VOC XML, NEU layout).
     Synth {
         /// Output folder (gets images/ and annotations/).
@@ -223,6 +257,9 @@ enum Command {
         /// DATA is a flat folder of unlabeled images.
         #[arg(long)]
         unlabeled: bool,
+        /// Backbone size: nano (tests, the demo), edge (the product), tiny (Swin-T).
+        #[arg(long, default_value = "edge")]
+        size: String,
         #[arg(long, default_value_t = 100)]
         epochs: usize,
         /// Images per step (each gives two views).
@@ -364,6 +401,17 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// `--size`: the Swin backbone sizes.
+fn swin_size(size: &str) -> Result<edge::detector::SwinConfig> {
+    use edge::detector::SwinConfig;
+    Ok(match size {
+        "nano" => SwinConfig::nano(),
+        "edge" => SwinConfig::edge(),
+        "tiny" => SwinConfig::tiny(),
+        other => anyhow::bail!("--size {other}: expected nano, edge or tiny"),
+    })
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -375,6 +423,27 @@ fn main() -> Result<()> {
     let device = cli.device.device()?;
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     match cli.command {
+        Command::Demo {
+            out,
+            broker,
+            data,
+            budget,
+            frames,
+            base,
+            from_simclr,
+            factory,
+            keep_running,
+        } => trainer::demo::run(&trainer::demo::DemoOptions {
+            out,
+            broker,
+            data,
+            budget,
+            frames,
+            base,
+            from_simclr,
+            factory,
+            keep_running,
+        })?,
         Command::Keygen { out, name } => {
             let key = protocol::package::generate_key()?;
             let (secret, public) = protocol::package::write_key_pair(&out, &name, &key)?;
@@ -386,14 +455,9 @@ fn main() -> Result<()> {
             );
         }
         Command::InitModel { out, size, seed } => {
-            use edge::detector::{DetectorConfig, SwinConfig};
+            use edge::detector::DetectorConfig;
             let mut config = DetectorConfig::edge_neu();
-            config.backbone = match size.as_str() {
-                "nano" => SwinConfig::nano(),
-                "edge" => SwinConfig::edge(),
-                "tiny" => SwinConfig::tiny(),
-                other => anyhow::bail!("--size {other}: expected nano, edge or tiny"),
-            };
+            config.backbone = swin_size(&size)?;
             device.seed(seed);
             let detector = Detector::new(config, &device)?;
             detector.save(&out)?;
@@ -554,6 +618,7 @@ fn main() -> Result<()> {
             data,
             out,
             unlabeled,
+            size,
             epochs,
             batch_size,
             lr,
@@ -564,6 +629,7 @@ fn main() -> Result<()> {
             resume,
         } => {
             let mut config = PretrainConfig::new(data);
+            config.backbone = swin_size(&size)?;
             config.flat = unlabeled;
             config.epochs = epochs;
             config.batch_size = batch_size;

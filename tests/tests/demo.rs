@@ -1,0 +1,52 @@
+//! The README's demo, as processes against a real mosquitto broker with the smallest budgets:
+//! data, SimCLR, few-shot fine-tuning, evaluation, INT8, a signed package rolled out over MQTT to
+//! a real edge daemon, verdicts from the new model that agree with the strip's ground truth.
+
+use e2e::{Broker, run};
+
+#[test]
+fn demo_runs_the_whole_product_against_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let out = dir.path().join("demo");
+    let (ok, text) = run(
+        "trainer",
+        &[
+            "demo",
+            "--budget",
+            "smoke",
+            "--broker",
+            &broker.addr(),
+            "--frames",
+            "12",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    let log = std::fs::read_to_string(out.join("edge/edge.log")).unwrap_or_default();
+    assert!(ok, "demo failed:\n{text}\nedge log:\n{log}");
+    for stage in 1..=10 {
+        assert!(text.contains(&format!("=== [{stage}/10]")), "stage {stage} missing:\n{text}");
+    }
+    // The rollout reached the device and it switched.
+    assert!(text.contains("demo-01"), "{text}");
+    // The summary: verdicts by the new model, checked against the strip's own ground truth.
+    let line = text
+        .lines()
+        .find(|l| l.contains("model v2 (demo-strip"))
+        .unwrap_or_else(|| panic!("no verdicts by the new model:\n{text}\nedge log:\n{log}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "model v2 (...): N frames, F failed, A/N agree ... (P%)"
+    let (frames, agree) = (numbers[1], numbers[3]);
+    assert!(frames >= 12.0, "{line}");
+    assert!(
+        agree / frames >= 0.75,
+        "the new model agrees with the strip's ground truth on {agree}/{frames} frames: {line}"
+    );
+    assert!(out.join("report/report.md").exists());
+    assert!(out.join("demo-v2.edgepkg").exists());
+    assert!(text.contains("labeling page: http://127.0.0.1:"), "{text}");
+}
