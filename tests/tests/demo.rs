@@ -26,7 +26,10 @@ fn demo_runs_the_whole_product_against_mosquitto() {
     let log = std::fs::read_to_string(out.join("edge/edge.log")).unwrap_or_default();
     assert!(ok, "demo failed:\n{text}\nedge log:\n{log}");
     for stage in 1..=10 {
-        assert!(text.contains(&format!("=== [{stage}/10]")), "stage {stage} missing:\n{text}");
+        assert!(
+            text.contains(&format!("=== [{stage}/10]")),
+            "stage {stage} missing:\n{text}"
+        );
     }
     // The rollout reached the device and it switched.
     assert!(text.contains("demo-01"), "{text}");

@@ -415,7 +415,9 @@ fn swin_size(size: &str) -> Result<edge::detector::SwinConfig> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // rumqttd (the demo's broker) logs every connection at info.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -43,7 +43,9 @@ pub fn split(dataset: &Dataset, val_fraction: f64, seed: u64) -> (Vec<Sample>, V
 }
 
 /// `k` images per class (an image counts for every class it has a box of), drawn with `seed`;
-/// an image is used once. Fewer than `k` when a class has fewer images.
+/// an image is used once. Fewer than `k` when a class has fewer images. When the set has
+/// defect-free images (no boxes), `k` of them come too: a model that decides pass/fail must see
+/// clean surface, or it learns that every image has a defect.
 pub fn k_shot(samples: &[Sample], num_classes: usize, k: usize, seed: u64) -> Vec<Sample> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..samples.len()).collect();
@@ -64,6 +66,13 @@ pub fn k_shot(samples: &[Sample], num_classes: usize, k: usize, seed: u64) -> Ve
             }
         }
     }
+    chosen.extend(
+        order
+            .iter()
+            .filter(|&&i| samples[i].objects.is_empty())
+            .take(k)
+            .map(|&i| samples[i].clone()),
+    );
     chosen
 }
 
