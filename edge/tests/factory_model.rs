@@ -1,5 +1,5 @@
 //! The factory-default model that ships in edge/models/: signed by the release key committed
-//! beside it, INT8 and pruned as its manifest says, and it passes its own golden self-test on the
+//! beside it, INT8 as its manifest says, and it passes its own golden self-test on the
 //! CPU backend, as a device does before it activates it.
 
 use std::path::Path;
@@ -15,9 +15,8 @@ fn shipped_factory_package_verifies_and_self_tests() {
     let manifest = package.verify(&[key]).unwrap();
     assert_eq!(manifest.id, "neu-edge");
     assert_eq!(manifest.quantization, "int8-per-channel");
-    assert!(manifest.pruning.is_some());
     assert!(
-        manifest.metrics["val_map50"] > 0.4,
+        manifest.metrics["val_map50"] > 0.5,
         "{:?}",
         manifest.metrics
     );

@@ -36,13 +36,13 @@ fn demo_runs_the_whole_product_against_mosquitto() {
     // The summary: verdicts by the new model, checked against the strip's own ground truth.
     let line = text
         .lines()
-        .find(|l| l.contains("model v2 (demo-strip"))
+        .find(|l| l.contains("(demo-strip, just trained)"))
         .unwrap_or_else(|| panic!("no verdicts by the new model:\n{text}\nedge log:\n{log}"));
     let numbers: Vec<f64> = line
         .split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .filter_map(|w| w.parse().ok())
         .collect();
-    // "model v2 (...): N frames, F failed, A/N agree ... (P%)"
+    // "model vV (...): N frames, F failed, A/N agree ... (P%)"
     let (frames, agree) = (numbers[1], numbers[3]);
     assert!(frames >= 12.0, "{line}");
     assert!(
@@ -50,6 +50,9 @@ fn demo_runs_the_whole_product_against_mosquitto() {
         "the new model agrees with the strip's ground truth on {agree}/{frames} frames: {line}"
     );
     assert!(out.join("report/report.md").exists());
-    assert!(out.join("demo-v2.edgepkg").exists());
+    assert!(
+        out.join("demo-v3.edgepkg").exists(),
+        "one above the factory's version 2"
+    );
     assert!(text.contains("labeling page: http://127.0.0.1:"), "{text}");
 }

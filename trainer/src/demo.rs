@@ -23,7 +23,7 @@ use protocol::messages::Message;
 pub enum Budget {
     /// Seconds per stage: checks the plumbing (the end-to-end test).
     Smoke,
-    /// The demo: about 10 minutes on a 2-core machine.
+    /// The demo: about 4 minutes on a 2-core machine.
     Standard,
 }
 
@@ -236,6 +236,26 @@ pub fn run(o: &DemoOptions) -> Result<()> {
         }
     }
     let smoke = o.budget == Budget::Smoke;
+    // The new model must be newer than the factory one: devices refuse downgrades.
+    let release_pub = std::fs::read_to_string(
+        o.factory
+            .parent()
+            .map(|d| d.join("release.pub"))
+            .context("factory path")?,
+    )
+    .context("the release key (release.pub) next to the factory package")?;
+    let factory_version = protocol::package::Package::read(&o.factory)?
+        .verify(&[protocol::package::parse_public_key(release_pub.trim())?])
+        .with_context(|| {
+            format!(
+                "{}: not signed by release.pub beside it",
+                o.factory.display()
+            )
+        })?
+        .version;
+    let version = factory_version + 1;
+    let version_arg = version.to_string();
+    let package = p(&format!("demo-v{version}.edgepkg"));
 
     stage.next("MQTT broker");
     let (host, port) = match &o.broker {
@@ -375,7 +395,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
         "--key",
         &p("keys/demo.key"),
         "--version",
-        "2",
+        &version_arg,
         "--id",
         "demo-strip",
         "--golden",
@@ -383,7 +403,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
         "--metrics",
         &p("report/report.json"),
         "--out",
-        &p("demo-v2.edgepkg"),
+        &package,
     ])?;
 
     stage.next("Edge daemon: factory model, inspecting a synthetic strip");
@@ -395,13 +415,6 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     let http_port = free_port()?;
     let token = format!("{:032x}", rand::RngExt::random::<u128>(&mut rand::rng()));
     let demo_pub = std::fs::read_to_string(out.join("keys/demo.pub"))?;
-    let release_pub = std::fs::read_to_string(
-        o.factory
-            .parent()
-            .map(|d| d.join("release.pub"))
-            .context("factory path")?,
-    )
-    .context("the release key (release.pub) next to the factory package")?;
     let (tiles, height, rate, seed) = STRIP;
     let fps = if smoke { 10.0 } else { 3.0 };
     let edge_dir = out.join("edge");
@@ -486,7 +499,7 @@ pass_rate = 0.05
     stage.next("Rollout of the new model over MQTT (signed, chunked, self-tested)");
     trainer(&[
         "publish",
-        &p("demo-v2.edgepkg"),
+        &package,
         "--to",
         "device:demo-01",
         "--broker",
@@ -508,7 +521,7 @@ pass_rate = 0.05
             .lock()
             .expect("lock")
             .values()
-            .filter(|v| v.model.as_ref().is_some_and(|m| m.1 == 2))
+            .filter(|v| v.model.as_ref().is_some_and(|m| m.1 == version))
             .count() as u64;
         if n >= o.frames {
             break;
@@ -544,8 +557,8 @@ pass_rate = 0.05
     let verdicts: Vec<Verdict> = seen.lock().expect("lock").values().cloned().collect();
     let mut by_version: BTreeMap<u64, (usize, usize, usize, Vec<f64>)> = BTreeMap::new();
     for v in &verdicts {
-        let version = v.model.as_ref().map_or(0, |m| m.1);
-        let e = by_version.entry(version).or_default();
+        let ver = v.model.as_ref().map_or(0, |m| m.1);
+        let e = by_version.entry(ver).or_default();
         e.0 += 1;
         e.1 += (!v.pass) as usize;
         if truth.get(&v.frame) == Some(&!v.pass) {
@@ -559,12 +572,12 @@ pass_rate = 0.05
         started.elapsed().as_secs_f64() / 60.0
     );
     println!("frames inspected: {}", verdicts.len());
-    for (version, (n, fails, agree, mut lat)) in by_version {
+    for (v, (n, fails, agree, mut lat)) in by_version {
         lat.sort_by(f64::total_cmp);
         let q = |f: f64| lat[((lat.len() - 1) as f64 * f) as usize];
         println!(
-            "  model v{version} ({}): {n} frames, {fails} failed, {agree}/{n} agree with the strip's ground truth ({:.0}%), latency p50 {:.0} ms, p99 {:.0} ms",
-            if version == 2 {
+            "  model v{v} ({}): {n} frames, {fails} failed, {agree}/{n} agree with the strip's ground truth ({:.0}%), latency p50 {:.0} ms, p99 {:.0} ms",
+            if v == version {
                 "demo-strip, just trained"
             } else {
                 "factory NEU-DET model"

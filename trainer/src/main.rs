@@ -199,7 +199,7 @@ enum Command {
     /// The whole product on this machine, no setup: MQTT broker (in-process), data, SimCLR
     /// pretraining, few-shot fine-tuning, evaluation, INT8 compression, a signed package rolled
     /// out over MQTT to an edge daemon that inspects a synthetic strip, and a summary checked
-    /// against the strip's ground truth. About 10 minutes on 2 cores.
+    /// against the strip's ground truth. About 4 minutes on 2 cores.
     Demo {
         /// Work folder (data, runs, report, keys, the daemon's state and log).
         #[arg(long, default_value = "demo-run")]
