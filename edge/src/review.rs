@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use image::GrayImage;
 use protocol::{Defect, Verdict};
@@ -19,6 +19,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
+
+use crate::store::{jpeg, key};
 
 /// `[review]` in the daemon config.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -244,10 +246,10 @@ pub struct ReviewQueue {
     pub config: ReviewConfig,
     rng: Mutex<StdRng>,
     pub stats: ReviewStats,
-}
-
-fn key(id: u64) -> [u8; 8] {
-    id.to_be_bytes()
+    /// Sizes of `pending` and `labeled`, kept beside them: sled's `len` scans the whole tree,
+    /// and the inference thread asks for every frame it queues.
+    pending_count: AtomicUsize,
+    labeled_count: AtomicUsize,
 }
 
 fn image_key(id: u64, kind: u8) -> [u8; 9] {
@@ -263,14 +265,6 @@ fn id_of(k: &[u8]) -> u64 {
 
 pub const THUMBNAIL: (u32, u32) = (240, 160);
 
-fn jpeg(image: &GrayImage, quality: u8) -> Vec<u8> {
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-        .encode_image(image)
-        .expect("encoding to memory");
-    out
-}
-
 impl ReviewQueue {
     pub fn open(path: &Path, config: ReviewConfig) -> Result<Self, ReviewError> {
         config.validate().map_err(ReviewError::Invalid)?;
@@ -279,10 +273,13 @@ impl ReviewQueue {
             .cache_capacity(16 << 20)
             .open()
             .map_err(|e| ReviewError::Store(format!("{}: {e}", path.display())))?;
+        let (pending, labeled) = (db.open_tree("pending")?, db.open_tree("labeled")?);
         Ok(Self {
             items: db.open_tree("items")?,
-            pending: db.open_tree("pending")?,
-            labeled: db.open_tree("labeled")?,
+            pending_count: AtomicUsize::new(pending.len()),
+            labeled_count: AtomicUsize::new(labeled.len()),
+            pending,
+            labeled,
             images: db.open_tree("images")?,
             heatmaps: db.open_tree("heatmaps")?,
             db,
@@ -295,7 +292,7 @@ impl ReviewQueue {
     /// Whether the verdict's frame goes to review, and why.
     pub fn reason_for(&self, verdict: &Verdict) -> Option<Reason> {
         let c = &self.config;
-        let top = verdict.defects.iter().map(|d| d.score).fold(0f32, f32::max);
+        let top = top_score(verdict);
         let (reason, rate) = if !verdict.pass {
             (Reason::Failed, c.failed_rate)
         } else if top >= c.uncertain[0] && top < c.uncertain[1] {
@@ -316,7 +313,7 @@ impl ReviewQueue {
         let Some(reason) = self.reason_for(verdict) else {
             return Ok(None);
         };
-        if self.labeled.len() >= self.config.max_labeled {
+        if self.labeled_count.load(Ordering::Relaxed) >= self.config.max_labeled {
             self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
@@ -328,7 +325,7 @@ impl ReviewQueue {
             origin: verdict.origin.clone(),
             width: frame.width(),
             height: frame.height(),
-            top_score: verdict.defects.iter().map(|d| d.score).fold(0f32, f32::max),
+            top_score: top_score(verdict),
             model: verdict.model.clone(),
             predictions: verdict.defects.clone(),
             label: None,
@@ -353,8 +350,9 @@ impl ReviewQueue {
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| ReviewError::Store(format!("{e:?}")))?;
+        self.pending_count.fetch_add(1, Ordering::Relaxed);
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        while self.pending.len() > self.config.max_pending {
+        while self.pending_count.load(Ordering::Relaxed) > self.config.max_pending {
             let Some((oldest, _)) = self.pending.first()? else {
                 break;
             };
@@ -367,8 +365,12 @@ impl ReviewQueue {
     fn remove(&self, id: u64) -> Result<bool, ReviewError> {
         let k = key(id);
         let existed = self.items.remove(k)?.is_some();
-        self.pending.remove(k)?;
-        self.labeled.remove(k)?;
+        if self.pending.remove(k)?.is_some() {
+            self.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.labeled.remove(k)?.is_some() {
+            self.labeled_count.fetch_sub(1, Ordering::Relaxed);
+        }
         self.images.remove(image_key(id, 0))?;
         self.images.remove(image_key(id, 1))?;
         self.heatmaps.remove(k)?;
@@ -391,7 +393,10 @@ impl ReviewQueue {
 
     /// `[pending, labeled]`.
     pub fn counts(&self) -> [usize; 2] {
-        [self.pending.len(), self.labeled.len()]
+        [
+            self.pending_count.load(Ordering::Relaxed),
+            self.labeled_count.load(Ordering::Relaxed),
+        ]
     }
 
     /// Items newest first: pending ones, labeled ones, or both; only ids below `before`.
@@ -481,14 +486,23 @@ impl ReviewQueue {
         });
         let k = key(id);
         let bytes = serde_json::to_vec(&item).expect("serializable");
-        (&self.items, &self.pending, &self.labeled)
+        let (was_pending, was_labeled) = (&self.items, &self.pending, &self.labeled)
             .transaction(|(items, pending, labeled)| {
                 items.insert(&k, bytes.as_slice())?;
-                pending.remove(&k)?;
-                labeled.insert(&k, &[])?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                let was_pending = pending.remove(&k)?.is_some();
+                let was_labeled = labeled.insert(&k, &[])?.is_some();
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>((
+                    was_pending,
+                    was_labeled,
+                ))
             })
             .map_err(|e| ReviewError::Store(format!("{e:?}")))?;
+        if was_pending {
+            self.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !was_labeled {
+            self.labeled_count.fetch_add(1, Ordering::Relaxed);
+        }
         self.db.flush()?;
         Ok(item)
     }
@@ -650,6 +664,10 @@ pub fn heatmap_png(
     Ok(png)
 }
 
+fn top_score(verdict: &Verdict) -> f32 {
+    verdict.defects.iter().map(|d| d.score).fold(0f32, f32::max)
+}
+
 /// Which items a listing shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -785,6 +803,18 @@ mod tests {
         let label = item.label.unwrap();
         assert_eq!(label.by, "anna");
         assert_eq!(label.boxes[0].bbox, [0.0, 5.0, 100.0, 20.0]);
+        q.label(
+            4,
+            LabelRequest {
+                boxes: vec![],
+                no_defect: true,
+            },
+            "anna",
+        )
+        .unwrap();
+        assert_eq!(q.counts(), [1, 2]);
+        // A second label for the same frame replaces the first; the counts stay.
+        q.label(4, scratch([1.0, 1.0, 9.0, 9.0]), "anna").unwrap();
         q.label(
             4,
             LabelRequest {

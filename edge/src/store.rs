@@ -87,7 +87,8 @@ pub struct VerdictStore {
     config: StoreConfig,
 }
 
-fn key(id: u64) -> [u8; 8] {
+/// Big-endian id: sled keys that sort in id order.
+pub(crate) fn key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
@@ -98,7 +99,7 @@ fn image_key(id: u64, n: u16) -> [u8; 10] {
     k
 }
 
-fn jpeg(image: &GrayImage, quality: u8) -> Vec<u8> {
+pub(crate) fn jpeg(image: &GrayImage, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
     let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
     enc.encode_image(image).expect("encoding to memory");

@@ -123,31 +123,14 @@ fn call(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u
         .http_status_as_error(false)
         .build()
         .into();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let result = match (method, body) {
-        ("GET", _) => {
-            let mut r = agent.get(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        ("DELETE", _) => {
-            let mut r = agent.delete(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        ("PUT", Some(b)) => {
-            let mut r = agent.put(url).header("Content-Type", "application/json");
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.send(b)
-        }
-        _ => unreachable!(),
-    };
+    let mut request = ureq::http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("Content-Type", "application/json");
+    if let Some(t) = token {
+        request = request.header("Authorization", format!("Bearer {t}"));
+    }
+    let result = agent.run(request.body(body.unwrap_or_default().to_vec()).unwrap());
     let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = resp.status().as_u16();
     let body = resp

@@ -27,21 +27,37 @@ pub enum Budget {
     Standard,
 }
 
+/// `trainer demo`'s flags.
+#[derive(clap::Args, Debug)]
 pub struct DemoOptions {
+    /// Work folder (data, runs, report, keys, the daemon's state and log).
+    #[arg(long, default_value = "demo-run")]
     pub out: PathBuf,
+    /// Use this MQTT broker (HOST:PORT) instead of starting one in-process.
+    #[arg(long)]
     pub broker: Option<String>,
+    /// A VOC / NEU-DET folder instead of the synthetic set.
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// smoke: seconds per learning stage (checks the plumbing); standard: the demo.
+    #[arg(long, value_enum, default_value = "standard")]
     pub budget: Budget,
-    /// Strip frames the daemon inspects with the new model (it starts with the factory model;
-    /// the frames before the switch come on top).
+    /// Strip frames (400x200) the daemon inspects with the new model; the frames the factory
+    /// model judged before the switch come on top.
+    #[arg(long, default_value_t = 90)]
     pub frames: u64,
-    /// The detector the few-shot fine-tune starts from.
+    /// Detector the few-shot fine-tune starts from (a nano detector trained on the synthetic
+    /// drawing: the role a factory model plays for a new surface).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/strip-nano.safetensors"))]
     pub base: PathBuf,
-    /// Fine-tune from the SimCLR backbone instead of `base` (needs a longer budget to be useful).
+    /// Fine-tune from the SimCLR backbone instead of --base (useful with a longer budget).
+    #[arg(long)]
     pub from_simclr: bool,
-    /// The factory package the daemon starts with (edge/models/neu-edge.edgepkg).
+    /// Factory package the daemon starts with (release.pub must sit beside it).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../edge/models/neu-edge.edgepkg"))]
     pub factory: PathBuf,
-    /// Leave the daemon (and the broker) running at the end, for the labeling page.
+    /// Keep the daemon and broker running at the end (open the labeling page); Ctrl-C ends.
+    #[arg(long)]
     pub keep_running: bool,
 }
 

@@ -200,36 +200,7 @@ enum Command {
     /// pretraining, few-shot fine-tuning, evaluation, INT8 compression, a signed package rolled
     /// out over MQTT to an edge daemon that inspects a synthetic strip, and a summary checked
     /// against the strip's ground truth. About 4 minutes on 2 cores.
-    Demo {
-        /// Work folder (data, runs, report, keys, the daemon's state and log).
-        #[arg(long, default_value = "demo-run")]
-        out: PathBuf,
-        /// Use this MQTT broker (HOST:PORT) instead of starting one in-process.
-        #[arg(long)]
-        broker: Option<String>,
-        /// A VOC / NEU-DET folder instead of the synthetic set.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// smoke: seconds per learning stage (checks the plumbing); standard: the demo.
-        #[arg(long, value_enum, default_value = "standard")]
-        budget: trainer::demo::Budget,
-        /// Strip frames the daemon inspects (400x200 each).
-        #[arg(long, default_value_t = 90)]
-        frames: u64,
-        /// Detector the few-shot fine-tune starts from (a nano detector trained on the synthetic
-        /// drawing: the role a factory model plays for a new surface).
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/strip-nano.safetensors"))]
-        base: PathBuf,
-        /// Fine-tune from the SimCLR backbone instead of --base (useful with a longer budget).
-        #[arg(long)]
-        from_simclr: bool,
-        /// Factory package the daemon starts with (release.pub must sit beside it).
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../edge/models/neu-edge.edgepkg"))]
-        factory: PathBuf,
-        /// Keep the daemon and broker running at the end (open the labeling page); Ctrl-C ends.
-        #[arg(long)]
-        keep_running: bool,
-    },
+    Demo(trainer::demo::DemoOptions),
     /// Write a synthetic NEU-DET-style dataset (JPEG + VOC XML, NEU layout).
     Synth {
         /// Output folder (gets images/ and annotations/).
@@ -425,27 +396,7 @@ fn main() -> Result<()> {
     let device = cli.device.device()?;
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     match cli.command {
-        Command::Demo {
-            out,
-            broker,
-            data,
-            budget,
-            frames,
-            base,
-            from_simclr,
-            factory,
-            keep_running,
-        } => trainer::demo::run(&trainer::demo::DemoOptions {
-            out,
-            broker,
-            data,
-            budget,
-            frames,
-            base,
-            from_simclr,
-            factory,
-            keep_running,
-        })?,
+        Command::Demo(options) => trainer::demo::run(&options)?,
         Command::Keygen { out, name } => {
             let key = protocol::package::generate_key()?;
             let (secret, public) = protocol::package::write_key_pair(&out, &name, &key)?;
