@@ -32,7 +32,13 @@ fn main() {
     let models: Vec<(String, usize, String, Detector)> = files
         .iter()
         .map(|file| {
-            let bytes = std::fs::read(file).expect("model file");
+            let mut bytes = std::fs::read(file).expect("model file");
+            if bytes.starts_with(protocol::package::MAGIC) {
+                // A package (e.g. the factory model): its model file.
+                bytes = protocol::package::Package::from_bytes(bytes, file)
+                    .expect("package")
+                    .weights;
+            }
             let quantization = edge::detector::quant::quantization_of(&bytes);
             let size = bytes.len();
             let detector = Detector::from_bytes(bytes, file, &device).expect("model loads");

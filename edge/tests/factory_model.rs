@@ -55,3 +55,66 @@ fn shipped_factory_package_verifies_and_self_tests() {
             .contains(&protocol::package::public_key_hex(&key))
     );
 }
+
+/// The factory model is INT8: on a CPU with AVX2 its Linear layers compute in INT8
+/// (`edge::detector::int8`). Their outputs stay within quantization error of the same weights
+/// computed in float, and the detections the line sees are the same.
+#[test]
+fn int8_compute_matches_float_compute_on_the_factory_model() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let package = protocol::package::Package::read(&models.join("neu-edge.edgepkg")).unwrap();
+    let key = std::fs::read_to_string(models.join("release.pub")).unwrap();
+    let key = protocol::package::parse_public_key(key.trim()).unwrap();
+    let manifest = package.verify(&[key]).unwrap();
+    let int8 =
+        edge::detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
+    let mut float = int8.clone();
+    assert_eq!(float.model.backbone.use_int8(&|_| false), 0);
+    if !edge::detector::int8::Int8Linear::supported() {
+        eprintln!("no AVX2 on this CPU: both run in float");
+        return;
+    }
+    // Every backbone Linear of the file is INT8 and runs in INT8: 4 per block, 3 merges.
+    let mut check = float.clone();
+    assert_eq!(check.model.backbone.use_int8(&|_| true), 4 * 8 + 3);
+
+    let mut agreed = 0;
+    let mut total = 0;
+    for sample in &manifest.golden {
+        let image = image::load_from_memory(&sample.image_bytes().unwrap())
+            .unwrap()
+            .into_rgb8();
+        let view = edge::detector::ImageView::rgb(&image);
+        let (input, _) = int8.config.preprocess.batch(&[view], &int8.device).unwrap();
+        let a = int8.model.forward(input.clone()).cls_logits;
+        let b = float.model.forward(input).cls_logits;
+        let a = a.into_data().try_to_vec::<f32>().unwrap();
+        let b = b.into_data().try_to_vec::<f32>().unwrap();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let spread = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff < 0.05 * spread,
+            "{}: INT8 logits differ from float by {diff} (largest logit {spread})",
+            sample.name
+        );
+        assert!(a != b, "{}: the INT8 path did not run", sample.name);
+        let top = |d: &edge::detector::Detector| {
+            d.detect(&[edge::detector::ImageView::rgb(&image)]).unwrap()[0]
+                .iter()
+                .filter(|d| d.score >= 0.3)
+                .map(|d| d.class_id)
+                .collect::<Vec<_>>()
+        };
+        total += 1;
+        agreed += (top(&int8) == top(&float)) as usize;
+    }
+    assert!(total > 0, "the manifest has golden samples");
+    assert_eq!(
+        agreed, total,
+        "detections above 0.3 differ between INT8 and float"
+    );
+}

@@ -2,6 +2,7 @@
 //! `Detector` API that the daemon and the trainer share (images in, boxes out, any `Device`).
 
 pub mod head;
+pub mod int8;
 pub mod kernels;
 pub mod loss;
 pub mod nms;

@@ -160,7 +160,8 @@ pub fn quantization_of(bytes: &[u8]) -> String {
 }
 
 /// Turns I8 weights back into F32 (scale x q); a file without I8 tensors is returned as is.
-pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<Vec<u8>, DetectorError> {
+/// Also returns the names of the tensors that were I8.
+pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<(Vec<u8>, Vec<String>), DetectorError> {
     let tensors = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
     if !tensors
@@ -168,11 +169,12 @@ pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<Vec<u8>, DetectorError
         .iter()
         .any(|(_, v)| v.dtype() == Dtype::I8)
     {
-        return Ok(bytes);
+        return Ok((bytes, vec![]));
     }
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    let mut int8 = vec![];
     for (name, view) in tensors.tensors() {
         let shape = view.shape().to_vec();
         match view.dtype() {
@@ -210,6 +212,7 @@ pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<Vec<u8>, DetectorError
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
                     .collect();
+                int8.push(name.clone());
                 owned.push((name, shape, data));
             }
             Dtype::F32 if name.ends_with(SCALE) => {}
@@ -230,8 +233,9 @@ pub fn dequantize(bytes: Vec<u8>, origin: &str) -> Result<Vec<u8>, DetectorError
                 .map_err(|e| bad(origin, format!("`{name}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, header.metadata().clone())
-        .map_err(|e| bad(origin, format!("rewriting: {e}")))
+    let bytes = safetensors::serialize(views, header.metadata().clone())
+        .map_err(|e| bad(origin, format!("rewriting: {e}")))?;
+    Ok((bytes, int8))
 }
 
 #[cfg(test)]

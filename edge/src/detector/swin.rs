@@ -15,6 +15,8 @@ use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{Distribution, TensorCreationOptions};
 use serde::{Deserialize, Serialize};
 
+use super::int8::{Int8Linear, Int8Weights};
+
 /// Shape and size of a Swin backbone. Named constructors copy the reference configurations.
 #[derive(Config, Debug, PartialEq)]
 pub struct SwinConfig {
@@ -192,6 +194,7 @@ impl SwinConfig {
                 Some(PatchMerging {
                     norm: LayerNormConfig::new(2 * dim).init(device),
                     reduction: trunc_normal_linear(2 * dim, dim, false, device),
+                    reduction_int8: None,
                 })
             } else {
                 None
@@ -298,6 +301,73 @@ impl SwinTransformer {
     }
 }
 
+/// A Linear layer, through the INT8 kernel when the layer has INT8 weights and the input is
+/// one the kernel takes (the Flex CPU backend without autodiff), else as burn's float Linear.
+fn linear<const D: usize>(layer: &Linear, int8: &Int8Weights, x: Tensor<D>) -> Tensor<D> {
+    match int8 {
+        Some(q) if q.applies(&x) => q.forward(x),
+        _ => layer.forward(x),
+    }
+}
+
+/// INT8 weights for a Linear layer from its current float weights (which, loaded from an INT8
+/// file, are q x scale: re-quantizing recovers q exactly).
+fn int8_of(layer: &Linear) -> Int8Weights {
+    let [k, n] = layer.weight.dims();
+    let weights = layer.weight.val().into_data().try_to_vec::<f32>().ok()?;
+    let bias = match &layer.bias {
+        Some(b) => Some(b.val().into_data().try_to_vec::<f32>().ok()?),
+        None => None,
+    };
+    Some(std::sync::Arc::new(Int8Linear::quantize(
+        &weights,
+        k,
+        n,
+        bias.as_deref(),
+    )))
+}
+
+impl SwinTransformer {
+    /// Runs the Linear layers that `quantized` names (by their weight's tensor name inside the
+    /// backbone, e.g. `layers.0.blocks.1.mlp.fc1.weight`) with the INT8 kernel on CPUs that have
+    /// it. Returns how many layers will. Call it after the weights are loaded; training (an
+    /// autodiff device) always runs the float layers.
+    pub fn use_int8(&mut self, quantized: &dyn Fn(&str) -> bool) -> usize {
+        if !Int8Linear::supported() {
+            return 0;
+        }
+        let mut count = 0;
+        let mut attach = |name: String, layer: &Linear, slot: &mut Int8Weights| {
+            *slot = if quantized(&format!("{name}.weight")) {
+                int8_of(layer)
+            } else {
+                None
+            };
+            count += slot.is_some() as usize;
+        };
+        for (s, stage) in self.layers.iter_mut().enumerate() {
+            if let Some(merge) = &mut stage.downsample {
+                let name = format!("layers.{s}.downsample.reduction");
+                attach(name, &merge.reduction, &mut merge.reduction_int8);
+            }
+            for (b, block) in stage.blocks.iter_mut().enumerate() {
+                let prefix = format!("layers.{s}.blocks.{b}");
+                let attn = &mut block.attn;
+                attach(format!("{prefix}.attn.qkv"), &attn.qkv, &mut attn.qkv_int8);
+                attach(
+                    format!("{prefix}.attn.proj"),
+                    &attn.proj,
+                    &mut attn.proj_int8,
+                );
+                let mlp = &mut block.mlp;
+                attach(format!("{prefix}.mlp.fc1"), &mlp.fc1, &mut mlp.fc1_int8);
+                attach(format!("{prefix}.mlp.fc2"), &mlp.fc2, &mut mlp.fc2_int8);
+            }
+        }
+        count
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct PatchEmbed {
     pub proj: Conv2d,
@@ -316,6 +386,8 @@ impl PatchEmbed {
 pub struct PatchMerging {
     pub norm: LayerNorm,
     pub reduction: Linear,
+    #[module(skip)]
+    reduction_int8: Int8Weights,
 }
 
 impl PatchMerging {
@@ -332,7 +404,7 @@ impl PatchMerging {
         let x = x.permute([0, 1, 3, 4, 2, 5]);
         let x = x.reshape([b, h / 2, w / 2, 4 * c]);
         let x = self.norm.forward(x);
-        self.reduction.forward(x) // [B, H/2, W/2, 2C]
+        linear(&self.reduction, &self.reduction_int8, x) // [B, H/2, W/2, 2C]
     }
 }
 
@@ -359,6 +431,10 @@ impl SwinStage {
 pub struct Mlp {
     pub fc1: Linear,
     pub fc2: Linear,
+    #[module(skip)]
+    fc1_int8: Int8Weights,
+    #[module(skip)]
+    fc2_int8: Int8Weights,
 }
 
 #[derive(Module, Debug)]
@@ -398,11 +474,15 @@ impl SwinBlock {
                 ),
                 num_heads: heads,
                 implementation: AttentionImpl::Kernel,
+                qkv_int8: None,
+                proj_int8: None,
             },
             norm2: LayerNormConfig::new(dim).init(device),
             mlp: Mlp {
                 fc1: trunc_normal_linear(dim, hidden, true, device),
                 fc2: trunc_normal_linear(hidden, dim, true, device),
+                fc1_int8: None,
+                fc2_int8: None,
             },
             window,
             shift,
@@ -417,9 +497,9 @@ impl SwinBlock {
         let x = self.shifted_window_attention(x);
         let x = shortcut + self.stochastic_depth(x);
         let y = self.norm2.forward(x.clone());
-        let y = self.mlp.fc1.forward(y);
+        let y = linear(&self.mlp.fc1, &self.mlp.fc1_int8, y);
         let y = super::kernels::gelu(y);
-        let y = self.mlp.fc2.forward(y);
+        let y = linear(&self.mlp.fc2, &self.mlp.fc2_int8, y);
         let x = x + self.stochastic_depth(y);
         debug_assert_eq!(x.dims(), [b, h, w, c]);
         x
@@ -573,6 +653,10 @@ pub struct WindowAttention {
     num_heads: usize,
     #[module(skip)]
     implementation: AttentionImpl,
+    #[module(skip)]
+    qkv_int8: Int8Weights,
+    #[module(skip)]
+    proj_int8: Int8Weights,
 }
 
 impl WindowAttention {
@@ -582,7 +666,7 @@ impl WindowAttention {
         let heads = self.num_heads;
         let head_dim = c / heads;
         let nw = bw / batch;
-        let qkv = self.qkv.forward(windows); // [B*nW, N, 3C]
+        let qkv = linear(&self.qkv, &self.qkv_int8, windows); // [B*nW, N, 3C]
         let table = self.relative_position_bias_table.val(); // [(2wh-1)(2ww-1), heads]
         let bias = table.select(0, self.relative_position_index.clone()); // [N*N, heads]
         let bias = bias.reshape([n, n, heads]).permute([2, 0, 1]); // [heads, N, N]
@@ -595,7 +679,7 @@ impl WindowAttention {
             && super::kernels::window_attention_applies(&qkv, &bias, heads)
         {
             let out = super::kernels::window_attention(qkv, bias, heads, scale as f32);
-            return self.proj.forward(out);
+            return linear(&self.proj, &self.proj_int8, out);
         }
 
         let qkv = qkv.reshape([bw, n, 3, heads, head_dim]);
@@ -633,7 +717,7 @@ impl WindowAttention {
         debug_assert_eq!(out.dims()[0], group);
         let out = out.reshape([bw, heads, n, head_dim]);
         let out = out.swap_dims(1, 2).reshape([bw, n, c]);
-        self.proj.forward(out)
+        linear(&self.proj, &self.proj_int8, out)
     }
 }
 

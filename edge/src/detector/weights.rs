@@ -181,7 +181,7 @@ impl Detector {
             })?;
         let config: DetectorConfig =
             serde_json::from_str(json).map_err(|e| bad(origin, format!("`{CONFIG_KEY}`: {e}")))?;
-        let bytes = super::quant::dequantize(bytes, origin)?;
+        let (bytes, int8) = super::quant::dequantize(bytes, origin)?;
         check_finite(&bytes, origin)?;
         let mut detector = Detector::new(config, device)?;
         let mut store = SafetensorsStore::from_bytes(Some(bytes))
@@ -192,6 +192,14 @@ impl Detector {
             .load_from(&mut store)
             .map_err(|e| bad(origin, e.to_string()))?;
         check_applied(&result, origin)?;
+        // INT8 layers compute in INT8 where the kernel runs (inference on the CPU backend).
+        if !int8.is_empty() && !device.is_autodiff() && *device == Device::flex() {
+            let int8: std::collections::HashSet<String> = int8.into_iter().collect();
+            detector
+                .model
+                .backbone
+                .use_int8(&|name| int8.contains(&format!("backbone.{name}")));
+        }
         Ok(detector)
     }
 }
