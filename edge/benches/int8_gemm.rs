@@ -8,10 +8,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
-use burn::nn::LinearConfig;
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use edge::detector::int8::Int8Linear;
+use edge::detector::int8::{Int8Conv, Int8Linear};
 
 fn time_ms(mut f: impl FnMut(), runs: usize) -> f64 {
     f();
@@ -34,6 +35,13 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // `--only TEXT`: just the rows whose name contains TEXT (for profiling one shape).
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     if !Int8Linear::supported() {
         println!("this CPU has no AVX2: the INT8 kernel does not run here");
         return;
@@ -56,6 +64,9 @@ fn main() {
             ("fc1 pruned 35%", dim, hidden_pruned),
             ("fc2 pruned 35%", hidden_pruned, dim),
         ] {
+            if !wanted(name) {
+                continue;
+            }
             let layer = LinearConfig::new(k, n).init(&device);
             let w = layer.weight.val().into_data().try_to_vec::<f32>().unwrap();
             let b = layer
@@ -84,4 +95,34 @@ fn main() {
         "| sum over the unpruned layers (one block per stage) | | {total_f:.2} | {total_q:.2} | {:.2} |",
         total_f / total_q
     );
+    println!();
+    println!("| convolution | input | burn f32 ms | int8 ms | f32 / int8 |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, cin, cout, k, stride, pad, side) in [
+        ("patch embedding 4x4/4", 3, 48, 4, 4, 0, 224),
+        ("head 3x3, stride-8 level", 64, 64, 3, 1, 1, 28),
+        ("head 3x3, stride-16 level", 64, 64, 3, 1, 1, 14),
+        ("head 3x3, stride-32 level", 64, 64, 3, 1, 1, 7),
+        ("lateral 1x1, stride-8 level", 96, 64, 1, 1, 0, 28),
+    ] {
+        if !wanted(name) {
+            continue;
+        }
+        let conv = Conv2dConfig::new([cin, cout], [k, k])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .init(&device);
+        let q = Int8Conv::from_conv(&conv).unwrap();
+        let x = Tensor::<4>::random(
+            [batch, cin, side, side],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let f = time_ms(|| drop(conv.forward(x.clone()).into_data()), runs);
+        let i = time_ms(|| drop(q.forward(x.clone()).into_data()), runs);
+        println!(
+            "| {name} | {batch} x {cin} x {side} x {side} | {f:.3} | {i:.3} | {:.2} |",
+            f / i
+        );
+    }
 }

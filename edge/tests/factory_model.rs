@@ -74,9 +74,17 @@ fn int8_compute_matches_float_compute_on_the_factory_model() {
         eprintln!("no AVX2 on this CPU: both run in float");
         return;
     }
-    // Every backbone Linear of the file is INT8 and runs in INT8: 4 per block, 3 merges.
+    // The INT8 weights of the file compute in INT8: the backbone's 4 Linear layers per block
+    // and 3 merges; the head's 3x3 convolutions but `reg_out`, which the sensitivity scan kept
+    // in F32 (the patch embedding and the 1x1 laterals are faster in float).
+    assert_eq!(float.model.head.use_int8(&|_| false), 0);
     let mut check = float.clone();
     assert_eq!(check.model.backbone.use_int8(&|_| true), 4 * 8 + 3);
+    assert_eq!(check.model.head.use_int8(&|_| true), 3 + 2 + 2 + 2);
+    let quantized = package.weights.clone();
+    let (_, names) = edge::detector::quant::dequantize(quantized, "factory").unwrap();
+    assert_eq!(names.len(), 1 + 4 * 8 + 3 + 3 + 3 + 2 + 2 + 1, "{names:?}");
+    assert!(!names.contains(&"head.reg_out.weight".to_string()));
 
     let mut agreed = 0;
     let mut total = 0;

@@ -16,6 +16,10 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::int8::Int8Conv;
 
 /// Size of the neck and head.
 #[derive(Config, Debug, PartialEq)]
@@ -83,6 +87,7 @@ impl HeadConfig {
                 .iter()
                 .map(|_| Param::from_tensor(Tensor::ones([1], device)))
                 .collect(),
+            int8: HashMap::new(),
         }
     }
 }
@@ -105,6 +110,9 @@ pub struct DetectionHead {
     pub reg_out: Conv2d,
     /// One learnable scale per level on the box distances (FCOS).
     pub scales: Vec<Param<Tensor<1>>>,
+    /// Convolutions that compute in INT8 (a quantized model on the CPU), by name.
+    #[module(skip)]
+    int8: HashMap<String, Arc<Int8Conv>>,
 }
 
 /// Raw head outputs for a batch, every level flattened and concatenated, finest first.
@@ -119,6 +127,48 @@ pub struct HeadOutput {
 }
 
 impl DetectionHead {
+    /// A convolution, in INT8 where [`DetectionHead::use_int8`] prepared it and the input is
+    /// one the kernel takes, else burn's float convolution.
+    fn conv(&self, name: &str, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        match self.int8.get(name) {
+            Some(q) if q.applies(&x) => q.forward(x),
+            _ => conv.forward(x),
+        }
+    }
+
+    /// Runs the convolutions that `quantized` names (by their weight's tensor name inside the
+    /// head, e.g. `cls_tower.0.conv.weight`) with the INT8 kernel on CPUs that have it; returns
+    /// how many will. Call it after the weights are loaded.
+    pub fn use_int8(&mut self, quantized: &dyn Fn(&str) -> bool) -> usize {
+        let mut int8 = HashMap::new();
+        if super::int8::Int8Linear::supported() {
+            let mut convs: Vec<(String, &Conv2d)> = vec![];
+            // The 1x1 laterals stay in float: they read the backbone's NHWC stages, and the
+            // layout change to and from the kernel costs more than their multiply (bench
+            // int8_gemm); the 3x3 convolutions are where the head's time is.
+            for (i, c) in self.smooth.iter().enumerate() {
+                convs.push((format!("smooth.{i}"), c));
+            }
+            for (i, t) in self.cls_tower.iter().enumerate() {
+                convs.push((format!("cls_tower.{i}.conv"), &t.conv));
+            }
+            for (i, t) in self.reg_tower.iter().enumerate() {
+                convs.push((format!("reg_tower.{i}.conv"), &t.conv));
+            }
+            convs.push(("cls_out".into(), &self.cls_out));
+            convs.push(("reg_out".into(), &self.reg_out));
+            for (name, conv) in convs {
+                if quantized(&format!("{name}.weight"))
+                    && let Some(q) = Int8Conv::from_conv(conv)
+                {
+                    int8.insert(name, Arc::new(q));
+                }
+            }
+        }
+        self.int8 = int8;
+        self.int8.len()
+    }
+
     /// `stages`: backbone stage outputs `[B, H, W, C]` used by the neck, finest first.
     pub fn forward(&self, stages: Vec<Tensor<4>>, strides: &[usize]) -> HeadOutput {
         // Neck: lateral 1x1, then top-down nearest upsample and add, then 3x3 smoothing.
@@ -152,20 +202,22 @@ impl DetectionHead {
         let mut box_levels = Vec::with_capacity(pyramid.len());
         let mut level_sizes = Vec::with_capacity(pyramid.len());
         for (level, feature) in pyramid.into_iter().enumerate() {
-            let feature = self.smooth[level].forward(feature);
+            let feature = self.conv(&format!("smooth.{level}"), &self.smooth[level], feature);
             let [b, _, h, w] = feature.dims();
             level_sizes.push([h, w]);
             let mut c = feature.clone();
-            for layer in &self.cls_tower {
-                c = relu(layer.norm.forward(layer.conv.forward(c)));
+            for (i, layer) in self.cls_tower.iter().enumerate() {
+                let name = format!("cls_tower.{i}.conv");
+                c = relu(layer.norm.forward(self.conv(&name, &layer.conv, c)));
             }
             let mut r = feature;
-            for layer in &self.reg_tower {
-                r = relu(layer.norm.forward(layer.conv.forward(r)));
+            for (i, layer) in self.reg_tower.iter().enumerate() {
+                let name = format!("reg_tower.{i}.conv");
+                r = relu(layer.norm.forward(self.conv(&name, &layer.conv, r)));
             }
-            let cls = self.cls_out.forward(c); // [B, K, H, W]
+            let cls = self.conv("cls_out", &self.cls_out, c); // [B, K, H, W]
             let k = cls.dims()[1];
-            let reg = self.reg_out.forward(r); // [B, 4, H, W]
+            let reg = self.conv("reg_out", &self.reg_out, r); // [B, 4, H, W]
             // Distances are exp(s * x) strides: positive from the first step, so every
             // predicted box has an area and GIoU has a gradient (a ReLU here starts half the
             // boxes at zero size, where IoU-quality targets and GIoU both go flat).

@@ -26,6 +26,10 @@ const MR: usize = 6;
 const NR: usize = 16;
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = MR * 8;
+/// Layers smaller than this many multiply-adds run on the calling thread.
+const PARALLEL_MACS: usize = 1 << 21;
+/// Memory passes (transposes, im2col) over fewer elements run on the calling thread.
+const PARALLEL_ELEMENTS: usize = 1 << 18;
 
 /// A Linear layer's weights packed for the INT8 kernel.
 #[derive(Debug)]
@@ -136,103 +140,330 @@ impl Int8Linear {
         let data = x.into_data();
         let values = data.as_slice::<f32>().expect("applies() checked f32");
         let m = values.len() / self.k;
-        let mut out = vec![0f32; m * self.n];
-        self.forward_slice(values, m, &mut out);
+        let mut out: Vec<f32> = Vec::with_capacity(m * self.n);
+        // SAFETY: `run` writes every one of the m x n outputs before the length is set.
+        unsafe {
+            self.run(values, m, out.spare_capacity_mut().as_mut_ptr() as *mut f32);
+            out.set_len(m * self.n);
+        }
         dims[D - 1] = self.n;
         Tensor::from_data(TensorData::new(out, dims), &device)
     }
 
     /// `x`: `[m, k]` row-major; `out`: `[m, n]`. Needs [`Int8Linear::supported`].
     pub fn forward_slice(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), m * self.n);
+        // SAFETY: out holds m x n values.
+        unsafe { self.run(x, m, out.as_mut_ptr()) }
+    }
+
+    /// Writes all `m x n` outputs through `out`.
+    ///
+    /// # Safety
+    /// `out` must be valid for `m * n` writes.
+    unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32) {
         assert!(Self::supported(), "the INT8 kernel needs AVX2");
         assert_eq!(x.len(), m * self.k);
-        assert_eq!(out.len(), m * self.n);
         if m == 0 {
             return;
         }
-        // Quantize the input per row, in parallel.
-        let mut qx = vec![0i16; m * self.k_pad];
-        let mut sx = vec![0f32; m];
-        qx.par_chunks_mut(self.k_pad * 64)
-            .zip(sx.par_chunks_mut(64))
-            .zip(x.par_chunks(self.k * 64))
-            .for_each(|((q, s), x)| {
-                for ((q, s), x) in q
+        thread_local! {
+            // Quantized inputs, reused across calls (a fresh buffer per call cost page faults
+            // and a memset about as long as the multiply on the large early-stage layers).
+            static SCRATCH: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|scratch| {
+            let mut fresh = Vec::new();
+            let mut borrowed = scratch.try_borrow_mut();
+            let qx: &mut Vec<i16> = match borrowed.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => &mut fresh,
+            };
+            if qx.len() < m * self.k_pad {
+                qx.resize(m * self.k_pad, 0);
+            }
+            let qx = &mut qx[..m * self.k_pad];
+            let mut sx = vec![0f32; m];
+            let quantize = |qx: &mut [i16], sx: &mut [f32], x: &[f32]| {
+                for ((q, s), x) in qx
                     .chunks_mut(self.k_pad)
-                    .zip(s.iter_mut())
+                    .zip(sx.iter_mut())
                     .zip(x.chunks(self.k))
                 {
-                    // SAFETY: only called where AVX2 was detected (forward_slice asserts it).
+                    // SAFETY: AVX2 was checked above.
                     #[cfg(target_arch = "x86_64")]
                     {
                         *s = unsafe { quantize_row(x, q) };
                     }
                 }
-            });
-        // Tasks: blocks of rows, and of panels too when there are few rows.
-        let row_tasks = m.div_ceil(ROWS_PER_TASK);
-        let panel_groups = if row_tasks >= 8 { 1 } else { self.panels };
-        let panels_per_group = self.panels.div_ceil(panel_groups);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..row_tasks * panel_groups)
-            .into_par_iter()
-            .for_each(|task| {
-                let (rt, pg) = (task / panel_groups, task % panel_groups);
-                let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(m);
-                let panels = pg * panels_per_group..((pg + 1) * panels_per_group).min(self.panels);
-                let out_ptr = &out_ptr;
-                // SAFETY: AVX2 checked above; every task writes a disjoint block of `out`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    self.block_avx2(&qx, &sx, rows, panels, out_ptr.0);
+            };
+            let out_ptr = SendPtr(out);
+            let row_tasks = m.div_ceil(ROWS_PER_TASK);
+            // Handing work to the thread pool costs tens of microseconds (the caller is not a
+            // pool thread): small layers run on the calling thread.
+            let parallel = m * self.k * self.n >= PARALLEL_MACS && rayon::current_num_threads() > 1;
+            if !parallel || row_tasks >= 8 {
+                // Blocks of rows, each quantizing its own rows and then multiplying them.
+                let task = |(t, (qx, sx)): (usize, (&mut [i16], &mut [f32]))| {
+                    let row0 = t * ROWS_PER_TASK;
+                    quantize(qx, sx, &x[row0 * self.k..(row0 + sx.len()) * self.k]);
+                    let out_ptr = &out_ptr;
+                    // SAFETY: AVX2 checked above; every task writes its own rows of `out`.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        self.block_avx2(qx, sx, 0..self.panels, out_ptr.0.add(row0 * self.n));
+                    }
+                };
+                if parallel {
+                    qx.par_chunks_mut(ROWS_PER_TASK * self.k_pad)
+                        .zip(sx.par_chunks_mut(ROWS_PER_TASK))
+                        .enumerate()
+                        .for_each(task);
+                } else {
+                    qx.chunks_mut(ROWS_PER_TASK * self.k_pad)
+                        .zip(sx.chunks_mut(ROWS_PER_TASK))
+                        .enumerate()
+                        .for_each(task);
                 }
-            });
+            } else {
+                // Few rows: quantize them here, then one task per panel.
+                quantize(qx, &mut sx, x);
+                let (qx, sx) = (&*qx, &sx);
+                (0..self.panels).into_par_iter().for_each(|panel| {
+                    let out_ptr = &out_ptr;
+                    // SAFETY: AVX2 checked above; every task writes its own columns of `out`.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        self.block_avx2(qx, sx, panel..panel + 1, out_ptr.0);
+                    }
+                });
+            }
+        });
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
+    /// Rows `qx` (quantized, `sx.len()` of them) times the given panels, into `out` (the
+    /// first row's outputs).
     unsafe fn block_avx2(
         &self,
         qx: &[i16],
         sx: &[f32],
-        rows: std::ops::Range<usize>,
         panels: std::ops::Range<usize>,
         out: *mut f32,
     ) {
+        let rows = 0..sx.len();
         let pairs = self.k_pad / 2;
         for panel in panels {
             let b = &self.packed[panel * pairs * 2 * NR..(panel + 1) * pairs * 2 * NR];
+            let epilogue = Epilogue {
+                scales: &self.scales[panel * NR..(panel + 1) * NR],
+                bias: &self.bias[panel * NR..(panel + 1) * NR],
+                cols: ((panel + 1) * NR).min(self.n) - panel * NR,
+                row_stride: self.n,
+            };
             let mut r = rows.start;
             while r < rows.end {
                 let count = (rows.end - r).min(MR);
                 let a = &qx[r * self.k_pad..(r + count) * self.k_pad];
-                let mut acc = [[0i32; NR]; MR];
-                // SAFETY: slices sized by the checks above; AVX2 enabled on this function.
+                let s = &sx[r..r + count];
+                // SAFETY: rows r.. r + count and this panel's columns are inside `out` and
+                // owned by this task; AVX2 is enabled on this function.
                 unsafe {
+                    let o = out.add(r * self.n + panel * NR);
                     match count {
-                        6 => micro::<6>(a, b, self.k_pad, &mut acc),
-                        5 => micro::<5>(a, b, self.k_pad, &mut acc),
-                        4 => micro::<4>(a, b, self.k_pad, &mut acc),
-                        3 => micro::<3>(a, b, self.k_pad, &mut acc),
-                        2 => micro::<2>(a, b, self.k_pad, &mut acc),
-                        _ => micro::<1>(a, b, self.k_pad, &mut acc),
-                    }
-                }
-                let cols = panel * NR..((panel + 1) * NR).min(self.n);
-                let scales = &self.scales[panel * NR..(panel + 1) * NR];
-                let bias = &self.bias[panel * NR..(panel + 1) * NR];
-                for (i, acc) in acc.iter().enumerate().take(count) {
-                    let s = sx[r + i];
-                    // SAFETY: row r + i < m and cols < n: inside `out`, owned by this task.
-                    let row = unsafe { out.add((r + i) * self.n + cols.start) };
-                    for j in 0..cols.len() {
-                        unsafe { *row.add(j) = acc[j] as f32 * (s * scales[j]) + bias[j] };
+                        6 => micro::<6>(a, b, self.k_pad, s, &epilogue, o),
+                        5 => micro::<5>(a, b, self.k_pad, s, &epilogue, o),
+                        4 => micro::<4>(a, b, self.k_pad, s, &epilogue, o),
+                        3 => micro::<3>(a, b, self.k_pad, s, &epilogue, o),
+                        2 => micro::<2>(a, b, self.k_pad, s, &epilogue, o),
+                        _ => micro::<1>(a, b, self.k_pad, s, &epilogue, o),
                     }
                 }
                 r += count;
             }
         }
     }
+}
+
+/// What turns a panel's i32 sums into outputs: `acc * sx[row] * scales[col] + bias[col]`.
+struct Epilogue<'a> {
+    scales: &'a [f32],
+    bias: &'a [f32],
+    /// Valid columns in this panel (16 but in the last).
+    cols: usize,
+    row_stride: usize,
+}
+
+/// A 2-D convolution (any kernel size, stride and zero padding; no dilation or groups) of a
+/// quantized model, computed as im2col + the INT8 GEMM. Input and output are NCHW like burn's.
+#[derive(Debug)]
+pub struct Int8Conv {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// top, left, bottom, right.
+    padding: [usize; 4],
+    cin: usize,
+    /// Weights as a `[kh * kw * cin, cout]` matrix (im2col column order: kernel row, kernel
+    /// column, channel, so that a patch is `kh * kw` contiguous runs of an NHWC input).
+    linear: Int8Linear,
+}
+
+impl Int8Conv {
+    /// From a burn Conv2d holding (dequantized) INT8 weights; None for what the kernel does not
+    /// take (dilation, groups, `Same` padding).
+    pub fn from_conv(conv: &burn::nn::conv::Conv2d) -> Option<Self> {
+        use burn::nn::PaddingConfig2d;
+        if conv.dilation != [1, 1] || conv.groups != 1 {
+            return None;
+        }
+        let padding = match conv.padding {
+            PaddingConfig2d::Valid => [0; 4],
+            PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
+            PaddingConfig2d::Same => return None,
+        };
+        let [cout, cin, kh, kw] = conv.weight.dims();
+        let w = conv.weight.val().into_data().try_to_vec::<f32>().ok()?;
+        // [cout, cin, kh, kw] -> [(kh, kw, cin), cout]
+        let k = cin * kh * kw;
+        let mut matrix = vec![0f32; k * cout];
+        for o in 0..cout {
+            for c in 0..cin {
+                for t in 0..kh * kw {
+                    matrix[(t * cin + c) * cout + o] = w[(o * cin + c) * kh * kw + t];
+                }
+            }
+        }
+        let bias = match &conv.bias {
+            Some(b) => Some(b.val().into_data().try_to_vec::<f32>().ok()?),
+            None => None,
+        };
+        Some(Self {
+            kernel: [kh, kw],
+            stride: conv.stride,
+            padding,
+            cin,
+            linear: Int8Linear::quantize(&matrix, k, cout, bias.as_deref()),
+        })
+    }
+
+    pub fn applies(&self, x: &Tensor<4>) -> bool {
+        let device = x.device();
+        !device.is_autodiff()
+            && device == Device::flex()
+            && x.dtype() == DType::F32
+            && x.dims()[1] == self.cin
+            && Int8Linear::supported()
+    }
+
+    /// `[B, cin, H, W]` -> `[B, cout, H', W']`. Call it where [`Int8Conv::applies`].
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let device = x.device();
+        let [b, c, h, w] = x.dims();
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [pt, pl, pb, pr] = self.padding;
+        let ho = (h + pt + pb - kh) / sh + 1;
+        let wo = (w + pl + pr - kw) / sw + 1;
+        let data = x.into_data();
+        let input = data.as_slice::<f32>().expect("applies() checked f32");
+        // NCHW -> NHWC, one image row per task.
+        let mut nhwc_in = scratch(b * h * w * c);
+        for_each_chunk(&mut nhwc_in, w * c, |row, dst| {
+            let (bi, y) = (row / h, row % h);
+            for ci in 0..c {
+                let src = &input[((bi * c + ci) * h + y) * w..((bi * c + ci) * h + y + 1) * w];
+                for (xi, v) in src.iter().enumerate() {
+                    dst[xi * c + ci] = *v;
+                }
+            }
+        });
+        let k = c * kh * kw;
+        let m = b * ho * wo;
+        let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt + pl + pb + pr == 0;
+        let cols = if pointwise {
+            nhwc_in
+        } else {
+            // im2col: each patch is kh * kw runs of c channels, zeros where it leaves the image.
+            let mut cols = scratch(m * k);
+            for_each_chunk(&mut cols, wo * k, |row, chunk| {
+                let (bi, y) = (row / ho, row % ho);
+                for (xo, patch) in chunk.chunks_mut(k).enumerate() {
+                    for ky in 0..kh {
+                        let yi = (y * sh + ky) as isize - pt as isize;
+                        if yi < 0 || yi >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let xi = (xo * sw + kx) as isize - pl as isize;
+                            if xi < 0 || xi >= w as isize {
+                                continue;
+                            }
+                            let at = ((bi * h + yi as usize) * w + xi as usize) * c;
+                            patch[(ky * kw + kx) * c..(ky * kw + kx + 1) * c]
+                                .copy_from_slice(&nhwc_in[at..at + c]);
+                        }
+                    }
+                }
+            });
+            recycle(nhwc_in);
+            cols
+        };
+        let n = self.linear.out_features();
+        let mut nhwc = scratch(m * n);
+        self.linear.forward_slice(&cols, m, &mut nhwc);
+        recycle(cols);
+        // NHWC -> NCHW, one output channel plane per task.
+        let mut out = vec![0f32; b * n * ho * wo];
+        for_each_chunk(&mut out, ho * wo, |plane, dst| {
+            let (bi, o) = (plane / n, plane % n);
+            for (p, d) in dst.iter_mut().enumerate() {
+                *d = nhwc[(bi * ho * wo + p) * n + o];
+            }
+        });
+        recycle(nhwc);
+        Tensor::from_data(TensorData::new(out, [b, n, ho, wo]), &device)
+    }
+}
+
+/// `f(index, chunk)` over `chunk`-sized pieces of `data`, on the thread pool when `data` is
+/// large enough to pay for the hand-over.
+fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if data.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+thread_local! {
+    /// Intermediate buffers of the convolution, kept for the next call: freshly allocated
+    /// megabytes came back from the kernel as zeroed pages on every call.
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `len`, from this thread's pool when it has one.
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = POOL
+        .with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+        .unwrap_or_default();
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+fn recycle(v: Vec<f32>) {
+    POOL.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut()
+            && p.len() < 4
+        {
+            p.push(v);
+        }
+    });
 }
 
 struct SendPtr(*mut f32);
@@ -295,14 +526,22 @@ fn quantize_row(x: &[f32], q: &mut [i16]) -> f32 {
     }
 }
 
-/// `acc[r][j] = sum_k a[r][k] * w[k][j]` for R rows and one 16-column panel.
+/// `out[r][j] = (sum_k a[r][k] * w[k][j]) * sx[r] * scales[j] + bias[j]` for R rows and one
+/// 16-column panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn micro<const R: usize>(a: &[i16], b: &[i16], k_pad: usize, acc: &mut [[i32; NR]; MR]) {
+unsafe fn micro<const R: usize>(
+    a: &[i16],
+    b: &[i16],
+    k_pad: usize,
+    sx: &[f32],
+    epilogue: &Epilogue,
+    out: *mut f32,
+) {
     use std::arch::x86_64::*;
     let pairs = k_pad / 2;
-    debug_assert!(a.len() >= R * k_pad && b.len() >= pairs * 2 * NR);
+    debug_assert!(a.len() >= R * k_pad && b.len() >= pairs * 2 * NR && sx.len() >= R);
     let zero = _mm256_setzero_si256();
     let mut c0 = [zero; R];
     let mut c1 = [zero; R];
@@ -322,11 +561,26 @@ unsafe fn micro<const R: usize>(a: &[i16], b: &[i16], k_pad: usize, acc: &mut [[
             }
         }
     }
-    for r in 0..R {
-        // SAFETY: acc rows are 16 i32.
-        unsafe {
-            _mm256_storeu_si256(acc[r].as_mut_ptr() as *mut __m256i, c0[r]);
-            _mm256_storeu_si256(acc[r].as_mut_ptr().add(8) as *mut __m256i, c1[r]);
+    // SAFETY: scales and bias hold 16 values; out rows hold `cols` values at row_stride.
+    unsafe {
+        let s0 = _mm256_loadu_ps(epilogue.scales.as_ptr());
+        let s1 = _mm256_loadu_ps(epilogue.scales.as_ptr().add(8));
+        let bias0 = _mm256_loadu_ps(epilogue.bias.as_ptr());
+        let bias1 = _mm256_loadu_ps(epilogue.bias.as_ptr().add(8));
+        for r in 0..R {
+            let sr = _mm256_set1_ps(sx[r]);
+            let y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0[r]), _mm256_mul_ps(sr, s0), bias0);
+            let y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1[r]), _mm256_mul_ps(sr, s1), bias1);
+            let row = out.add(r * epilogue.row_stride);
+            if epilogue.cols == NR {
+                _mm256_storeu_ps(row, y0);
+                _mm256_storeu_ps(row.add(8), y1);
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), y0);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), y1);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, epilogue.cols);
+            }
         }
     }
 }
@@ -343,7 +597,8 @@ mod tests {
     }
 
     /// Every shape class: rows not a multiple of 6, odd k, columns not a multiple of 16, one
-    /// row, many rows (the row-parallel path) and few (the panel-parallel path).
+    /// row, small layers (the calling thread), many rows (row-parallel) and few (one task per
+    /// panel).
     #[test]
     fn matches_the_integer_reference_and_the_float_product() {
         if !Int8Linear::supported() {
@@ -356,6 +611,7 @@ mod tests {
             (7, 3, 5),
             (13, 47, 33),
             (300, 96, 192),
+            (500, 64, 80),
             (49, 385, 17),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
@@ -389,6 +645,59 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Against burn's float convolution with the same (INT8-representable) weights: 3x3 with
+    /// padding 1, 1x1, and a 4x4 stride-4 patch embedding with odd sizes.
+    #[test]
+    fn int8_conv_matches_burn_conv() {
+        if !Int8Linear::supported() {
+            return;
+        }
+        use burn::nn::PaddingConfig2d;
+        use burn::nn::conv::Conv2dConfig;
+        let device = Device::flex();
+        for (cin, cout, k, stride, pad, h, w) in [
+            (8, 12, 3, 1, 1, 9, 7),
+            (16, 5, 1, 1, 0, 6, 6),
+            (3, 10, 4, 4, 0, 17, 13),
+        ] {
+            let mut conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .init(&device);
+            // Make the weights exactly INT8-representable, as a quantized file loads them.
+            let weight = conv.weight.val();
+            let dims = weight.dims();
+            let values = weight.into_data().try_to_vec::<f32>().unwrap();
+            let (q, scales) = super::super::quant::quantize_weights(&values, &[cout, cin, k, k], 0);
+            let deq = super::super::quant::dequantize_weights(&q, &scales, &[cout, cin, k, k], 0);
+            conv.weight = burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(deq, dims),
+                &device,
+            ));
+            let int8 = Int8Conv::from_conv(&conv).unwrap();
+            let x = Tensor::<4>::random(
+                [2, cin, h, w],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            assert!(int8.applies(&x));
+            let want = conv.forward(x.clone());
+            let got = int8.forward(x);
+            assert_eq!(got.dims(), want.dims());
+            let want = want.into_data().try_to_vec::<f32>().unwrap();
+            let got = got.into_data().try_to_vec::<f32>().unwrap();
+            let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff < 0.03 * spread,
+                "{cin}->{cout} k{k}: diff {diff}, spread {spread}"
+            );
         }
     }
 

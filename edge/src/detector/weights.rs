@@ -195,10 +195,13 @@ impl Detector {
         // INT8 layers compute in INT8 where the kernel runs (inference on the CPU backend).
         if !int8.is_empty() && !device.is_autodiff() && *device == Device::flex() {
             let int8: std::collections::HashSet<String> = int8.into_iter().collect();
-            detector
-                .model
+            let model = &mut detector.model;
+            model
                 .backbone
                 .use_int8(&|name| int8.contains(&format!("backbone.{name}")));
+            model
+                .head
+                .use_int8(&|name| int8.contains(&format!("head.{name}")));
         }
         Ok(detector)
     }
