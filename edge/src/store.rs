@@ -4,6 +4,7 @@
 //! what was decided is delivered.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::GrayImage;
 use protocol::Verdict;
@@ -85,6 +86,11 @@ pub struct VerdictStore {
     images: sled::Tree,
     meta: sled::Tree,
     config: StoreConfig,
+    /// Entries in `verdicts` and `outbox`, counted at open and kept up to date: sled's `len`
+    /// walks the whole tree, and retention asked for it every 64 verdicts (up to a million
+    /// entries) and /metrics on every scrape.
+    stored: AtomicUsize,
+    queued: AtomicUsize,
 }
 
 /// Big-endian id: sled keys that sort in id order.
@@ -123,9 +129,13 @@ impl VerdictStore {
             .cache_capacity(config.cache_mb << 20)
             .open()
             .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let verdicts = db.open_tree("verdicts")?;
+        let outbox = db.open_tree("outbox")?;
         Ok(Self {
-            verdicts: db.open_tree("verdicts")?,
-            outbox: db.open_tree("outbox")?,
+            stored: AtomicUsize::new(verdicts.len()),
+            queued: AtomicUsize::new(outbox.len()),
+            verdicts,
+            outbox,
             images: db.open_tree("images")?,
             meta: db.open_tree("meta")?,
             db,
@@ -142,13 +152,19 @@ impl VerdictStore {
     pub fn record(&self, verdict: &Verdict, frame: &GrayImage) -> Result<(), StoreError> {
         let bytes = verdict.encode();
         let k = key(verdict.id);
-        (&self.verdicts, &self.outbox)
+        let (was_stored, was_queued) = (&self.verdicts, &self.outbox)
             .transaction(|(v, o)| {
-                v.insert(&k, bytes.as_slice())?;
-                o.insert(&k, bytes.as_slice())?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                let stored = v.insert(&k, bytes.as_slice())?.is_some();
+                let queued = o.insert(&k, bytes.as_slice())?.is_some();
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>((stored, queued))
             })
             .map_err(|e| StoreError(format!("{e:?}")))?;
+        if !was_stored {
+            self.stored.fetch_add(1, Ordering::Relaxed);
+        }
+        if !was_queued {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        }
         let keep_frame = match self.config.keep_frames {
             KeepFrames::All => true,
             KeepFrames::Failed => !verdict.pass,
@@ -204,20 +220,22 @@ impl VerdictStore {
 
     /// The broker acknowledged the verdict: it leaves the outbox.
     pub fn delivered(&self, id: u64) -> Result<(), StoreError> {
-        self.outbox.remove(key(id))?;
+        if self.outbox.remove(key(id))?.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     pub fn pending(&self) -> usize {
-        self.outbox.len()
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
-        self.verdicts.len()
+        self.stored.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.verdicts.is_empty()
+        self.len() == 0
     }
 
     /// Verdicts with id > `since`, oldest first, at most `limit`.
@@ -260,14 +278,16 @@ impl VerdictStore {
             let Some((k, v)) = self.verdicts.first()? else {
                 break;
             };
-            let too_many = self.verdicts.len() as u64 > self.config.max_verdicts;
+            let too_many = self.len() as u64 > self.config.max_verdicts;
             let decided = Verdict::decode(&v).map(|v| v.decided_ms).unwrap_or(0);
             let too_old = now_ms.saturating_sub(decided) > max_age_ms;
             let too_big = self.image_bytes() > image_budget;
             if !(too_many || too_old || too_big) {
                 break;
             }
-            self.verdicts.remove(&k)?;
+            if self.verdicts.remove(&k)?.is_some() {
+                self.stored.fetch_sub(1, Ordering::Relaxed);
+            }
             let mut freed = 0u64;
             for entry in self.images.scan_prefix(&k) {
                 let (ik, iv) = entry?;
@@ -342,6 +362,8 @@ mod tests {
             let (first, _) = store.next_pending().unwrap().unwrap();
             assert_eq!(first, ids[0]);
             store.delivered(first).unwrap();
+            store.delivered(first).unwrap(); // a second acknowledgement changes nothing
+            assert_eq!((store.len(), store.pending()), (5, 4));
             assert!(
                 store.frame_jpeg(ids[1]).unwrap().is_some(),
                 "failed frames are kept"
@@ -373,5 +395,11 @@ mod tests {
         );
         // Age.
         assert_eq!(store.enforce_retention(1000 + 31 * 86_400_000).unwrap(), 3);
+        assert!(store.is_empty());
+        // The kept counts agree with sled's own (a full scan).
+        assert_eq!(
+            (store.len(), store.pending()),
+            (store.verdicts.len(), store.outbox.len())
+        );
     }
 }
