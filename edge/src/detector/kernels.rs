@@ -207,15 +207,22 @@ fn attend_window_hd<const HD: usize>(
             {
                 *qc = x * scale;
             }
-            for jb in (0..np).step_by(8) {
-                let mut acc = [0f32; 8];
+            // Up to 8 blocks of 8 keys at once: independent accumulators keep the FMA units
+            // busy (one block at a time was a chain of HD dependent FMAs).
+            for group in (0..np).step_by(64) {
+                let blocks = ((np - group) / 8).min(8);
+                let mut acc = [[0f32; 8]; 8];
                 for (c, &qc) in q.iter().enumerate() {
-                    let k8 = &kt[c * np + jb..c * np + jb + 8];
-                    for l in 0..8 {
-                        acc[l] += qc * k8[l];
+                    let row = &kt[c * np + group..c * np + group + blocks * 8];
+                    for (a, k8) in acc.iter_mut().zip(row.chunks_exact(8)) {
+                        for l in 0..8 {
+                            a[l] += qc * k8[l];
+                        }
                     }
                 }
-                scores[jb..jb + 8].copy_from_slice(&acc);
+                for (b, a) in acc.iter().enumerate().take(blocks) {
+                    scores[group + b * 8..group + b * 8 + 8].copy_from_slice(a);
+                }
             }
             let bias_row = &bias_head[i * n..(i + 1) * n];
             for (s, &b) in scores[..n].iter_mut().zip(bias_row) {
@@ -226,18 +233,32 @@ fn attend_window_hd<const HD: usize>(
                 *s = exp(*s - max);
             }
             let inv = 1.0 / lanes_sum(&scores[..n]);
-            let mut acc = [0f32; HD];
-            for (j, &p) in scores[..n].iter().enumerate() {
-                let v = &qkv[j * stride + v_off..j * stride + v_off + HD];
+            // Two interleaved accumulators over the keys: twice the independent FMA chains.
+            let (mut even, mut odd) = ([0f32; HD], [0f32; HD]);
+            let pairs = scores[..n].chunks_exact(2);
+            let last = pairs.remainder().first().copied();
+            for (jp, p) in pairs.enumerate() {
+                let j = 2 * jp;
+                let v0 = &qkv[j * stride + v_off..j * stride + v_off + HD];
+                let v1 = &qkv[(j + 1) * stride + v_off..(j + 1) * stride + v_off + HD];
                 for c in 0..HD {
-                    acc[c] += p * v[c];
+                    even[c] += p[0] * v0[c];
+                    odd[c] += p[1] * v1[c];
                 }
             }
-            for (o, a) in out[i * dim + h * HD..i * dim + (h + 1) * HD]
+            if let Some(p) = last {
+                let j = n - 1;
+                let v = &qkv[j * stride + v_off..j * stride + v_off + HD];
+                for c in 0..HD {
+                    even[c] += p * v[c];
+                }
+            }
+            for ((o, a), b) in out[i * dim + h * HD..i * dim + (h + 1) * HD]
                 .iter_mut()
-                .zip(acc)
+                .zip(even)
+                .zip(odd)
             {
-                *o = a * inv;
+                *o = (a + b) * inv;
             }
         }
     }
@@ -354,48 +375,55 @@ mod tests {
         use burn::tensor::module::attention;
         use burn::tensor::ops::AttentionModuleOptions;
         let device = Device::flex();
-        let (windows, n, heads, head_dim, bias_windows) = (6, 49, 3, 16, 3);
-        let dim = heads * head_dim;
-        let qkv = Tensor::<3>::random(
-            [windows, n, 3 * dim],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
-        let mut bias = Tensor::<4>::random(
-            [bias_windows, heads, n, n],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
-        // A shift-mask-like -100 on some pairs.
-        bias = bias.clone() + bias.greater_elem(1.5).float() * -100.0;
-        let scale = (head_dim as f32).powf(-0.5);
-        assert!(
-            window_attention_applies(&qkv, &bias, heads),
-            "applies on Flex"
-        );
-        let ours = window_attention(qkv.clone(), bias.clone(), heads, scale);
-        let split = qkv
-            .reshape([windows, n, 3, heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| {
-            split
-                .clone()
-                .narrow(0, i, 1)
-                .reshape([windows, heads, n, head_dim])
-        };
-        let bias_full = bias
-            .unsqueeze_dim::<5>(0)
-            .expand([windows / bias_windows, bias_windows, heads, n, n])
-            .reshape([windows, heads, n, n]);
-        let options = AttentionModuleOptions {
-            scale: Some(scale as f64),
-            softcap: None,
-            is_causal: false,
-        };
-        let reference = attention(part(0), part(1), part(2), None, Some(bias_full), options);
-        let reference = reference.swap_dims(1, 2).reshape([windows, n, dim]);
-        let diff = (ours - reference).abs().max().into_scalar::<f32>();
-        assert!(diff < 2e-5, "max |ours - burn| = {diff}");
+        // 7x7 windows (odd n), 12x12 (keys in more than one group of 64), even n.
+        for (windows, n, heads, head_dim, bias_windows) in
+            [(6, 49, 3, 16, 3), (2, 144, 2, 24, 1), (3, 50, 2, 32, 3)]
+        {
+            let dim = heads * head_dim;
+            let qkv = Tensor::<3>::random(
+                [windows, n, 3 * dim],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let mut bias = Tensor::<4>::random(
+                [bias_windows, heads, n, n],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            // A shift-mask-like -100 on some pairs.
+            bias = bias.clone() + bias.greater_elem(1.5).float() * -100.0;
+            let scale = (head_dim as f32).powf(-0.5);
+            assert!(
+                window_attention_applies(&qkv, &bias, heads),
+                "applies on Flex"
+            );
+            let ours = window_attention(qkv.clone(), bias.clone(), heads, scale);
+            let split = qkv
+                .reshape([windows, n, 3, heads, head_dim])
+                .permute([2, 0, 3, 1, 4]);
+            let part = |i: usize| {
+                split
+                    .clone()
+                    .narrow(0, i, 1)
+                    .reshape([windows, heads, n, head_dim])
+            };
+            let bias_full = bias
+                .unsqueeze_dim::<5>(0)
+                .expand([windows / bias_windows, bias_windows, heads, n, n])
+                .reshape([windows, heads, n, n]);
+            let options = AttentionModuleOptions {
+                scale: Some(scale as f64),
+                softcap: None,
+                is_causal: false,
+            };
+            let reference = attention(part(0), part(1), part(2), None, Some(bias_full), options);
+            let reference = reference.swap_dims(1, 2).reshape([windows, n, dim]);
+            let diff = (ours - reference).abs().max().into_scalar::<f32>();
+            assert!(
+                diff < 2e-5,
+                "n {n}, head dim {head_dim}: max |ours - burn| = {diff}"
+            );
+        }
     }
 
     #[test]
