@@ -156,3 +156,56 @@ fn simclr_backbone_initialises_finetuning() {
     .unwrap();
     assert_eq!(outcome.state.step, 4);
 }
+
+/// A SimCLR backbone pretrained at 112 px has a 4x4 last stage, hence one 4x4 window and 7x7
+/// relative-position tables; the detector at 224 px has 7x7 windows and 13x13 tables. Loading
+/// resizes the tables (bicubic, per head, as timm does): a table constant per head stays that
+/// constant, so the heads are not mixed up on the way.
+#[test]
+fn a_backbone_pretrained_at_another_size_loads_with_resized_position_tables() {
+    let device = Device::flex();
+    let mut small = SwinConfig::nano().with_img_size([112, 112]).init(&device);
+    let last = small.layers.len() - 1;
+    for block in &mut small.layers[last].blocks {
+        let [len, heads] = block.attn.relative_position_bias_table.dims();
+        assert_eq!(len, 49, "one 4x4 window: 7x7 offsets");
+        let values: Vec<f32> = (0..len * heads).map(|i| (i % heads) as f32 + 0.5).collect();
+        block.attn.relative_position_bias_table = burn::module::Param::from_tensor(
+            Tensor::from_data(TensorData::new(values, [len, heads]), &device),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backbone.safetensors");
+    trainer::simclr::save_backbone_timm(&small, &path).unwrap();
+
+    let mut large = SwinConfig::nano().with_img_size([224, 224]).init(&device);
+    large.load_timm(&path).unwrap();
+    for block in &large.layers[last].blocks {
+        let table = block.attn.relative_position_bias_table.val();
+        let [len, heads] = table.dims();
+        assert_eq!(len, 169, "7x7 windows: 13x13 offsets");
+        let values = table.into_data().try_to_vec::<f32>().unwrap();
+        for (i, v) in values.iter().enumerate() {
+            let want = (i % heads) as f32 + 0.5;
+            assert!(
+                (v - want).abs() < 1e-4,
+                "offset {} head {}: {v}, want {want}",
+                i / heads,
+                i % heads
+            );
+        }
+    }
+    // The stages whose windows agree load unchanged.
+    let a = small.layers[0].blocks[0]
+        .attn
+        .relative_position_bias_table
+        .val();
+    let b = large.layers[0].blocks[0]
+        .attn
+        .relative_position_bias_table
+        .val();
+    assert_eq!(
+        a.into_data().try_to_vec::<f32>().unwrap(),
+        b.into_data().try_to_vec::<f32>().unwrap()
+    );
+}

@@ -108,6 +108,7 @@ impl SwinTransformer {
 
     pub fn load_timm_bytes(&mut self, bytes: Vec<u8>, origin: &str) -> Result<(), DetectorError> {
         check_finite(&bytes, origin)?;
+        let bytes = self.resize_position_tables(bytes, origin)?;
         let mut store = SafetensorsStore::from_bytes(Some(bytes))
             .with_from_adapter(PyTorchToBurnAdapter)
             .allow_partial(true)
@@ -116,6 +117,89 @@ impl SwinTransformer {
             .load_from(&mut store)
             .map_err(|e| bad(origin, e.to_string()))?;
         check_applied(&result, origin)
+    }
+}
+
+impl SwinTransformer {
+    /// A backbone trained at another input size has other window sizes where a stage was no
+    /// larger than the window (SimCLR at 112 px: the last stage is 4x4, one 4x4 window, so its
+    /// relative-position tables are 7x7 instead of 13x13). Like timm, resize such tables to this
+    /// model's windows, bicubic per head, so the checkpoint loads.
+    fn resize_position_tables(
+        &self,
+        bytes: Vec<u8>,
+        origin: &str,
+    ) -> Result<Vec<u8>, DetectorError> {
+        use burn::tensor::module::interpolate;
+        use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
+        let mut resized: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+        for (s, stage) in self.layers.iter().enumerate() {
+            for (b, block) in stage.blocks.iter().enumerate() {
+                let name = format!("layers.{s}.blocks.{b}.attn.relative_position_bias_table");
+                let Ok(view) = tensors.tensor(&name) else {
+                    continue;
+                };
+                let [len, heads] = block.attn.relative_position_bias_table.dims();
+                let shape = view.shape();
+                if view.dtype() != Dtype::F32 || shape.len() != 2 || shape == [len, heads] {
+                    continue;
+                }
+                let (from, to) = (shape[0].isqrt(), len.isqrt());
+                if shape[1] != heads || from * from != shape[0] || to * to != len {
+                    return Err(bad(
+                        origin,
+                        format!("`{name}`: {shape:?} cannot be resized to [{len}, {heads}]"),
+                    ));
+                }
+                let device = block.attn.relative_position_bias_table.val().device();
+                let values = super::quant::f32_values(view.data());
+                let table =
+                    Tensor::<2>::from_data(TensorData::new(values, [from * from, heads]), &device)
+                        .reshape([1, from, from, heads])
+                        .permute([0, 3, 1, 2]); // [1, heads, from, from]
+                let options = InterpolateOptions {
+                    mode: InterpolateMode::Bicubic,
+                    align_corners: false,
+                    output_size: Some([to, to]),
+                    scale_factor: None,
+                };
+                let table = interpolate(table, options)
+                    .permute([0, 2, 3, 1])
+                    .reshape([to * to, heads]);
+                let data: Vec<u8> = table
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| bad(origin, format!("`{name}`: {e:?}")))?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                tracing::info!(
+                    "{origin}: `{name}` resized from {from}x{from} to {to}x{to} offsets"
+                );
+                resized.push((name, vec![to * to, heads], data));
+            }
+        }
+        if resized.is_empty() {
+            return Ok(bytes);
+        }
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(origin, format!("not a SafeTensors file: {e}")))?;
+        let mut views = vec![];
+        for (name, view) in tensors.tensors() {
+            if resized.iter().any(|(n, _, _)| *n == name) {
+                continue;
+            }
+            views.push((name, view));
+        }
+        for (name, shape, data) in &resized {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                .map_err(|e| bad(origin, format!("`{name}`: {e}")))?;
+            views.push((name.clone(), view));
+        }
+        safetensors::serialize(views, header.metadata().clone())
+            .map_err(|e| bad(origin, format!("rewriting: {e}")))
     }
 }
 
