@@ -208,3 +208,44 @@ fn a_backbone_pretrained_at_another_size_loads_with_resized_position_tables() {
         b.into_data().try_to_vec::<f32>().unwrap()
     );
 }
+
+/// Every parameter of a new detector (and of the SimCLR model) takes part in training. Layers
+/// whose weights were re-initialised with `Param::map` lost the gradient flag, so the Swin's
+/// Linear layers (qkv, proj, MLP, merges) stayed at their random initial values in every run
+/// that started from scratch, and in every SimCLR run.
+#[test]
+fn every_parameter_of_a_new_model_is_trained() {
+    struct Frozen(usize, usize);
+    impl burn::module::ModuleVisitor for Frozen {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            self.0 += 1;
+            if !param.val().is_require_grad() {
+                self.1 += 1;
+            }
+        }
+    }
+    let device = Device::flex().autodiff();
+    let mut config = edge::detector::DetectorConfig::edge_neu();
+    config.backbone = SwinConfig::nano();
+    let detector = edge::detector::Detector::new(config, &device).unwrap();
+    let mut frozen = Frozen(0, 0);
+    burn::module::Module::visit(&detector.model, &mut frozen);
+    assert!(frozen.0 > 50);
+    assert_eq!(
+        frozen.1, 0,
+        "{} of {} detector parameters get no gradient",
+        frozen.1, frozen.0
+    );
+
+    let data = tempfile::tempdir().unwrap();
+    let mut pretrain = trainer::simclr::PretrainConfig::new(data.path().to_path_buf());
+    pretrain.backbone = SwinConfig::nano();
+    let model = trainer::simclr::SimclrModel::new(&pretrain, &device);
+    let mut frozen = Frozen(0, 0);
+    burn::module::Module::visit(&model, &mut frozen);
+    assert_eq!(
+        frozen.1, 0,
+        "{} of {} SimCLR parameters get no gradient",
+        frozen.1, frozen.0
+    );
+}

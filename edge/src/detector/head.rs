@@ -72,7 +72,7 @@ impl HeadConfig {
         let prior_bias = -((1.0 - self.prior_prob) / self.prior_prob).ln();
         cls_out.bias = cls_out
             .bias
-            .map(|b| b.map(|b| Tensor::full(b.dims(), prior_bias, device)));
+            .map(|b| b.map(|b| super::swin::trainable(Tensor::full(b.dims(), prior_bias, device))));
         DetectionHead {
             lateral: in_dims.iter().map(|&c| conv(c, self.dim, 1)).collect(),
             smooth: in_dims

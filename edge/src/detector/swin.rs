@@ -249,11 +249,25 @@ impl SwinConfig {
 
 fn trunc_normal_linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
     let mut linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(device);
-    linear.weight = linear.weight.map(|w| trunc_normal(w.dims(), 0.02, device));
+    // `Param::map` keeps the parameter but not its gradient flag: a tensor made inside the
+    // closure must ask for gradients itself, or training never updates this layer.
+    linear.weight = linear
+        .weight
+        .map(|w| trainable(trunc_normal(w.dims(), 0.02, device)));
     linear.bias = linear
         .bias
-        .map(|b| b.map(|b| Tensor::zeros(b.dims(), device)));
+        .map(|b| b.map(|b| trainable(Tensor::zeros(b.dims(), device))));
     linear
+}
+
+/// A new parameter value that asks for gradients on an autodiff device (what `Param::from_tensor`
+/// does, and `Param::map` does not).
+pub(crate) fn trainable<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.device().is_autodiff() {
+        t.require_grad()
+    } else {
+        t
+    }
 }
 
 /// Normal(0, std) clipped to +-2 std, like timm's `trunc_normal_(std=.02)`.
