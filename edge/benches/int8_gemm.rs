@@ -6,41 +6,19 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::time::Instant;
-
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use edge::detector::int8::{Int8Conv, Int8Linear};
 
-fn time_ms(mut f: impl FnMut(), runs: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
-}
+mod common;
+use common::{arg, time_ms};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let batch: usize = args
-        .iter()
-        .position(|a| a == "--batch")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let batch: usize = arg("--batch").and_then(|v| v.parse().ok()).unwrap_or(1);
     // `--only TEXT`: just the rows whose name contains TEXT (for profiling one shape).
-    let only: Option<String> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let only = arg("--only");
     let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     if !Int8Linear::supported() {
         println!("this CPU has no AVX2: the INT8 kernel does not run here");

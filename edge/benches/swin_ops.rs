@@ -7,8 +7,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::time::Instant;
-
 use burn::nn::{LayerNormConfig, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -24,27 +22,11 @@ const ALTERNATIVES: [&str; 3] = [
     "gelu (burn)",
 ];
 
-fn time_ms(mut f: impl FnMut(), runs: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
-}
+mod common;
+use common::{arg, time_ms};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let batch: usize = args
-        .iter()
-        .position(|a| a == "--batch")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let batch: usize = arg("--batch").and_then(|v| v.parse().ok()).unwrap_or(1);
     let device = Device::flex();
     let cfg = SwinConfig::edge();
     let mut totals: Vec<(String, f64)> = Vec::new();
