@@ -6,13 +6,24 @@ use std::path::Path;
 
 use burn::prelude::*;
 
-#[test]
-fn shipped_factory_package_verifies_and_self_tests() {
+/// edge/models/, the factory package, the release key beside it, and the manifest it verifies to.
+fn factory() -> (
+    std::path::PathBuf,
+    protocol::package::Package,
+    protocol::package::VerifyingKey,
+    protocol::package::Manifest,
+) {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let package = protocol::package::Package::read(&models.join("neu-edge.edgepkg")).unwrap();
     let key = std::fs::read_to_string(models.join("release.pub")).unwrap();
     let key = protocol::package::parse_public_key(key.trim()).unwrap();
     let manifest = package.verify(&[key]).unwrap();
+    (models, package, key, manifest)
+}
+
+#[test]
+fn shipped_factory_package_verifies_and_self_tests() {
+    let (models, package, key, manifest) = factory();
     assert_eq!(manifest.id, "neu-edge");
     assert_eq!(manifest.quantization, "int8-per-channel");
     assert!(
@@ -61,11 +72,7 @@ fn shipped_factory_package_verifies_and_self_tests() {
 /// computed in float, and the detections the line sees are the same.
 #[test]
 fn int8_compute_matches_float_compute_on_the_factory_model() {
-    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let package = protocol::package::Package::read(&models.join("neu-edge.edgepkg")).unwrap();
-    let key = std::fs::read_to_string(models.join("release.pub")).unwrap();
-    let key = protocol::package::parse_public_key(key.trim()).unwrap();
-    let manifest = package.verify(&[key]).unwrap();
+    let (models, package, _, manifest) = factory();
     let int8 =
         edge::detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
     let mut float = int8.clone();
