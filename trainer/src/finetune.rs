@@ -280,20 +280,18 @@ pub fn run(
     let train_device = device.clone().autodiff();
     // Initial weights (and burn's other random draws) follow the run's seed.
     train_device.seed(config.seed);
-    let mut detector = if resuming {
-        Detector::load(checkpoint_dir.join("model.safetensors"), &train_device)?
-    } else {
-        initial_detector(&config, classes.clone(), &train_device)?
-    };
-    let mut optim = AdamWConfig::new()
+    let optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip)))
         .init();
-    if resuming && checkpoint_dir.join("optim.bpk").exists() {
-        optim = optim
-            .load(checkpoint_dir.join("optim.bpk"))
-            .context("loading optimizer state")?;
-    }
+    let (mut detector, mut optim) = if resuming {
+        load_checkpoint(&checkpoint_dir, &train_device, optim)?
+    } else {
+        (
+            initial_detector(&config, classes.clone(), &train_device)?,
+            optim,
+        )
+    };
     let mut loss_config = LossConfig::new();
     if config.class_balance {
         loss_config.class_weights = class_weights(&train, classes.len());
@@ -443,6 +441,37 @@ pub fn run(
     })
 }
 
+/// A run's checkpoint: the detector, with the parameter ids its optimizer state is keyed by
+/// (`model.bpk`; the SafeTensors file carries no ids, and a detector loaded from it alone would
+/// leave AdamW's moments behind), and that optimizer state.
+pub fn load_checkpoint(
+    dir: &Path,
+    device: &Device,
+    optim: burn::optim::ModuleOptimizer,
+) -> Result<(Detector, burn::optim::ModuleOptimizer)> {
+    let mut detector = Detector::load(dir.join("model.safetensors"), device)?;
+    let record = dir.join("model.bpk");
+    if record.exists() {
+        detector.model = detector
+            .model
+            .try_load_file(&record)
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", record.display()))?;
+    } else {
+        tracing::warn!(
+            "{} has no model.bpk (a checkpoint from an older trainer): the optimizer starts afresh",
+            dir.display()
+        );
+    }
+    let optim = if dir.join("optim.bpk").exists() {
+        optim
+            .load(dir.join("optim.bpk"))
+            .context("loading optimizer state")?
+    } else {
+        optim
+    };
+    Ok((detector, optim))
+}
+
 fn save_checkpoint(
     detector: &Detector,
     optim: &burn::optim::ModuleOptimizer,
@@ -452,6 +481,14 @@ fn save_checkpoint(
     // Each file is replaced atomically, state last: a crash in between resumes the newer
     // weights at the older position (repeating at most the batches since it was written).
     detector.valid().save(dir.join("model.safetensors"))?;
+    let record_tmp = dir.join("model.tmp.bpk");
+    let _ = std::fs::remove_file(&record_tmp);
+    detector
+        .model
+        .valid()
+        .save_file(&record_tmp)
+        .map_err(|e| anyhow::anyhow!("saving the model record: {e:?}"))?;
+    std::fs::rename(&record_tmp, dir.join("model.bpk"))?;
     let optim_tmp = dir.join("optim.tmp.bpk");
     let _ = std::fs::remove_file(&optim_tmp);
     optim
