@@ -202,8 +202,270 @@ pub fn prune_keep(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Pru
     };
     file.metadata
         .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
+    let mut record = serde_json::to_value(&report)?;
+    file.record_pruning(|previous| {
+        // A head pruned earlier stays on record.
+        if let Some(head) = previous.get("head") {
+            record["head"] = head.clone();
+        }
+        record
+    })?;
+    Ok((file.to_bytes()?, report))
+}
+
+/// What head pruning did, recorded in the package manifest (`pruning.head`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeadPruneReport {
+    pub method: String,
+    pub keep_fraction: f64,
+    /// `[pyramid, neck, tower layer 1, .., tower layer n]`, before and after.
+    pub widths_before: Vec<usize>,
+    pub widths_after: Vec<usize>,
+    pub macs_before: u64,
+    pub macs_after: u64,
+    pub params_before: usize,
+    pub params_after: usize,
+}
+
+/// Per output channel of a convolution weight `[out, in, kh, kw]` (with its bias): squared L2
+/// norm of everything that channel writes.
+fn out_norms(w: &(Vec<usize>, Vec<f32>), bias: Option<&(Vec<usize>, Vec<f32>)>) -> Vec<f64> {
+    let (shape, v) = w;
+    let per = v.len() / shape[0];
+    (0..shape[0])
+        .map(|o| {
+            let b = bias.map_or(0.0, |(_, b)| (b[o] as f64).powi(2));
+            b + v[o * per..(o + 1) * per]
+                .iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>()
+        })
+        .collect()
+}
+
+/// Per input channel of a convolution weight `[out, in, kh, kw]`: squared L2 norm of the weights
+/// that read it.
+fn in_norms(w: &(Vec<usize>, Vec<f32>)) -> Vec<f64> {
+    let (shape, v) = w;
+    let (outs, ins) = (shape[0], shape[1]);
+    let k = v.len() / (outs * ins);
+    let mut n = vec![0.0; ins];
+    for o in 0..outs {
+        for (i, acc) in n.iter_mut().enumerate() {
+            let at = (o * ins + i) * k;
+            *acc += v[at..at + k]
+                .iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>();
+        }
+    }
+    n
+}
+
+/// The `count` best entries of `importance`, in their original order.
+fn best(importance: &[f64], count: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..importance.len()).collect();
+    order.sort_by(|&a, &b| importance[b].total_cmp(&importance[a]));
+    let mut kept = order[..count].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+impl ModelFile {
+    fn tensor(&self, name: &str) -> Result<&(Vec<usize>, Vec<f32>)> {
+        self.tensors
+            .get(name)
+            .with_context(|| format!("`{name}` missing from the model file"))
+    }
+
+    /// Keeps the output channels `kept` of a convolution (weight rows and bias) or the entries
+    /// `kept` of a vector (`name` is the full tensor name).
+    fn keep_outputs(&mut self, name: &str, kept: &[usize]) -> Result<()> {
+        let (shape, v) = self.tensor(name)?.clone();
+        let per = v.len() / shape[0];
+        let values = kept
+            .iter()
+            .flat_map(|&o| v[o * per..(o + 1) * per].iter().copied())
+            .collect();
+        let mut shape = shape;
+        shape[0] = kept.len();
+        self.tensors.insert(name.into(), (shape, values));
+        Ok(())
+    }
+
+    /// Keeps the input channels `kept` of a convolution weight `[out, in, kh, kw]`.
+    fn keep_inputs(&mut self, name: &str, kept: &[usize]) -> Result<()> {
+        let (shape, v) = self.tensor(name)?.clone();
+        let (outs, ins) = (shape[0], shape[1]);
+        let k = v.len() / (outs * ins);
+        let values = (0..outs)
+            .flat_map(|o| kept.iter().map(move |&i| (o * ins + i) * k))
+            .flat_map(|at| v[at..at + k].iter().copied())
+            .collect();
+        let mut shape = shape;
+        shape[1] = kept.len();
+        self.tensors.insert(name.into(), (shape, values));
+        Ok(())
+    }
+
+    /// Replaces the pruning record in the header with `update(previous record or {})`.
+    fn record_pruning(
+        &mut self,
+        update: impl FnOnce(serde_json::Value) -> serde_json::Value,
+    ) -> Result<()> {
+        let previous = self
+            .metadata
+            .get(PRUNING_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        self.metadata.insert(
+            PRUNING_KEY.into(),
+            serde_json::to_string(&update(previous))?,
+        );
+        Ok(())
+    }
+}
+
+/// Structured pruning of the neck and head: keeps `keep` of the pyramid channels (lateral
+/// outputs = smoothing inputs), of the neck channels (smoothing outputs = the towers' input)
+/// and of each tower layer's channels, the last in whole GroupNorm groups.
+///
+/// Importance, data-free like the MLP criterion: a tower channel's is `|gamma_j| * ||next[:, j]||`
+/// (after GroupNorm the channel's signal is `gamma_j` times a unit-variance value, and the next
+/// convolution's weights on it bound how far it moves that layer: network slimming's criterion,
+/// Liu et al. 2017, with the consumer's weights), summed over the group; a pyramid or neck
+/// channel's (no norm there) is `||what writes it|| * ||what reads it||`, over every level. A
+/// channel with no weights and no bias scores 0 and goes first.
+pub fn prune_head(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, HeadPruneReport)> {
+    if !(keep > 0.0 && keep < 1.0) {
+        bail!("--head-keep {keep}: give the fraction of head channels to keep, in (0, 1)");
+    }
+    let mut file = ModelFile::parse(bytes, origin)?;
+    let mut config = file.config()?;
+    let head = config.head.clone();
+    let levels = config.feature_stages.len();
+    let towers = head.tower_convs;
+    let group = head.group_size();
+    let macs_before = config.macs();
+    let params_before: usize = file.tensors.values().map(|(_, v)| v.len()).sum();
+    let widths_before: Vec<usize> = [head.pyramid_dim(), head.neck_dim()]
+        .into_iter()
+        .chain((0..towers).map(|i| head.tower_dim(i)))
+        .collect();
+    let round8 = |w: usize| (((w as f64 * keep) / 8.0).round() as usize * 8).clamp(8.min(w), w);
+    let conv_of = |tower: &str, i: usize| {
+        if i < towers {
+            format!("head.{tower}_tower.{i}.conv")
+        } else {
+            format!("head.{tower}_out")
+        }
+    };
+    let sum = |a: Vec<f64>, b: Vec<f64>| a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>();
+
+    // Pyramid channels: written by every lateral, read by every smoothing convolution.
+    let mut written = vec![0.0; head.pyramid_dim()];
+    let mut read = vec![0.0; head.pyramid_dim()];
+    for l in 0..levels {
+        let w = file.tensor(&format!("head.lateral.{l}.weight"))?;
+        let b = file.tensor(&format!("head.lateral.{l}.bias")).ok();
+        written = sum(written, out_norms(w, b));
+        read = sum(
+            read,
+            in_norms(file.tensor(&format!("head.smooth.{l}.weight"))?),
+        );
+    }
+    let importance: Vec<f64> = written
+        .iter()
+        .zip(&read)
+        .map(|(w, r)| (w * r).sqrt())
+        .collect();
+    let kept = best(&importance, round8(head.pyramid_dim()));
+    let pyramid = kept.len();
+    for l in 0..levels {
+        file.keep_outputs(&format!("head.lateral.{l}.weight"), &kept)?;
+        file.keep_outputs(&format!("head.lateral.{l}.bias"), &kept)?;
+        file.keep_inputs(&format!("head.smooth.{l}.weight"), &kept)?;
+    }
+
+    // Neck channels: written by every smoothing convolution, read by both towers' first layer.
+    let mut written = vec![0.0; head.neck_dim()];
+    for l in 0..levels {
+        let w = file.tensor(&format!("head.smooth.{l}.weight"))?;
+        let b = file.tensor(&format!("head.smooth.{l}.bias")).ok();
+        written = sum(written, out_norms(w, b));
+    }
+    let mut read = vec![0.0; head.neck_dim()];
+    for tower in ["cls", "reg"] {
+        read = sum(
+            read,
+            in_norms(file.tensor(&format!("{}.weight", conv_of(tower, 0)))?),
+        );
+    }
+    let importance: Vec<f64> = written
+        .iter()
+        .zip(&read)
+        .map(|(w, r)| (w * r).sqrt())
+        .collect();
+    let kept = best(&importance, round8(head.neck_dim()));
+    let neck = kept.len();
+    for l in 0..levels {
+        file.keep_outputs(&format!("head.smooth.{l}.weight"), &kept)?;
+        file.keep_outputs(&format!("head.smooth.{l}.bias"), &kept)?;
+    }
+    for tower in ["cls", "reg"] {
+        file.keep_inputs(&format!("{}.weight", conv_of(tower, 0)), &kept)?;
+    }
+
+    // Tower layers: whole GroupNorm groups, each tower its own, both to the same width.
+    let mut tower_widths = vec![];
+    for i in 0..towers {
+        let groups = head.tower_dim(i) / group;
+        let keep_groups = ((groups as f64 * keep).round() as usize).clamp(1, groups);
+        for tower in ["cls", "reg"] {
+            let layer = format!("head.{tower}_tower.{i}");
+            let gamma = &file.tensor(&format!("{layer}.norm.gamma"))?.1;
+            let read = in_norms(file.tensor(&format!("{}.weight", conv_of(tower, i + 1)))?);
+            let by_group: Vec<f64> = (0..groups)
+                .map(|g| {
+                    (g * group..(g + 1) * group)
+                        .map(|j| (gamma[j] as f64).abs() * read[j].sqrt())
+                        .sum()
+                })
+                .collect();
+            let kept: Vec<usize> = best(&by_group, keep_groups)
+                .into_iter()
+                .flat_map(|g| g * group..(g + 1) * group)
+                .collect();
+            for part in ["conv.weight", "conv.bias", "norm.gamma", "norm.beta"] {
+                file.keep_outputs(&format!("{layer}.{part}"), &kept)?;
+            }
+            file.keep_inputs(&format!("{}.weight", conv_of(tower, i + 1)), &kept)?;
+        }
+        tower_widths.push(keep_groups * group);
+    }
+
+    let widths_after: Vec<usize> = [pyramid, neck].into_iter().chain(tower_widths).collect();
+    config.head.widths = Some(widths_after.clone());
+    config
+        .validate()
+        .with_context(|| format!("{origin}: the pruned head's config"))?;
+    let report = HeadPruneReport {
+        method: "head-channels-slimming-l2".into(),
+        keep_fraction: keep,
+        widths_before,
+        widths_after,
+        macs_before,
+        macs_after: config.macs(),
+        params_before,
+        params_after: file.tensors.values().map(|(_, v)| v.len()).sum(),
+    };
     file.metadata
-        .insert(PRUNING_KEY.into(), serde_json::to_string(&report)?);
+        .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
+    let record = serde_json::to_value(&report)?;
+    file.record_pruning(|mut previous| {
+        previous["head"] = record;
+        previous
+    })?;
     Ok((file.to_bytes()?, report))
 }
 

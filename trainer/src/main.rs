@@ -144,6 +144,11 @@ enum Command {
         /// (e.g. 0.7); absent: no pruning.
         #[arg(long)]
         flops: Option<f64>,
+        /// Keep this fraction of the neck's and head's channels (pyramid, smoothing outputs and
+        /// tower layers, the towers in whole GroupNorm groups), the most important by weight
+        /// norms (network slimming for the towers); applied before --flops. E.g. 0.5.
+        #[arg(long)]
+        head_keep: Option<f64>,
         /// Store Linear and convolution weights as INT8 (symmetric, per output channel).
         #[arg(long)]
         int8: bool,
@@ -707,6 +712,7 @@ fn main() -> Result<()> {
             model,
             out,
             flops,
+            head_keep,
             int8,
             data,
             calibration_images,
@@ -714,12 +720,29 @@ fn main() -> Result<()> {
             split_seed,
             val_fraction,
         } => {
-            if flops.is_none() && !int8 {
-                anyhow::bail!("nothing to do: give --flops RATIO and/or --int8");
+            if flops.is_none() && head_keep.is_none() && !int8 {
+                anyhow::bail!(
+                    "nothing to do: give --flops RATIO, --head-keep FRACTION and/or --int8"
+                );
             }
             let origin = model.display().to_string();
             let mut bytes = std::fs::read(&model).with_context(|| format!("reading {origin}"))?;
             let mut summary = serde_json::Map::new();
+            if let Some(keep) = head_keep {
+                let (pruned, report) = trainer::compress::prune_head(&bytes, &origin, keep)?;
+                println!(
+                    "pruned head channels (widths {:?} -> {:?}): {:.3} -> {:.3} GFLOPs ({:.2}x), {} -> {} parameters",
+                    report.widths_before,
+                    report.widths_after,
+                    2.0 * report.macs_before as f64 / 1e9,
+                    2.0 * report.macs_after as f64 / 1e9,
+                    report.macs_after as f64 / report.macs_before as f64,
+                    report.params_before,
+                    report.params_after
+                );
+                summary.insert("head_pruning".into(), serde_json::to_value(&report)?);
+                bytes = pruned;
+            }
             if let Some(ratio) = flops {
                 let (pruned, report) = trainer::compress::prune(&bytes, &origin, ratio)?;
                 println!(

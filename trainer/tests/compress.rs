@@ -91,6 +91,87 @@ fn pruning_removes_channels_and_keeps_what_matters() {
     assert!(e.contains("reaches") && e.contains("at most"), "{e}");
 }
 
+/// Makes every other pyramid and neck channel and every other GroupNorm group of the towers
+/// carry nothing (weights and bias of what writes it zeroed; a tower group's gamma and beta
+/// zeroed, so it leaves the ReLU as 0).
+fn zero_odd_head_channels(bytes: &[u8]) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let group = 4; // edge_neu: 64 channels in 16 groups
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let mut data = view.data().to_vec();
+        let per = data.len() / shape[0];
+        let zero_rows = |data: &mut Vec<u8>, odd: &dyn Fn(usize) -> bool| {
+            for o in (0..shape[0]).filter(|&o| odd(o)) {
+                data[o * per..(o + 1) * per].fill(0);
+            }
+        };
+        if name.starts_with("head.lateral.") || name.starts_with("head.smooth.") {
+            zero_rows(&mut data, &|o| o % 2 == 1);
+        }
+        if name.contains("_tower.") && name.contains(".norm.") {
+            zero_rows(&mut data, &|o| (o / group) % 2 == 1);
+        }
+        owned.push((name, shape, data));
+    }
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, header.metadata().clone()).unwrap()
+}
+
+#[test]
+fn head_pruning_removes_channels_and_keeps_what_matters() {
+    let device = Device::flex();
+    let detector = nano(&device);
+    let bytes = zero_odd_head_channels(&detector.to_bytes().unwrap());
+    let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
+    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
+    let expected = outputs(&original, &input);
+
+    let (pruned, report) = trainer::compress::prune_head(&bytes, "zeroed", 0.5).unwrap();
+    assert_eq!(report.widths_before, vec![64, 64, 64, 64]);
+    assert_eq!(report.widths_after, vec![32, 32, 32, 32]);
+    assert!(report.macs_after < report.macs_before);
+    let small = Detector::from_bytes(pruned.clone(), "pruned", &device).unwrap();
+    assert_eq!(small.config.head.widths, Some(report.widths_after.clone()));
+    assert_eq!(small.config.macs(), report.macs_after);
+    assert_eq!(small.model.num_params(), report.params_after);
+    assert_eq!(
+        small.model.head.cls_tower[0].norm.num_groups, 8,
+        "groups of 4 kept whole"
+    );
+    let diff = max_abs_diff(&outputs(&small, &input), &expected);
+    assert!(diff < 1e-4, "pruned outputs moved by {diff}");
+
+    // MLP pruning after it keeps the head's record and widths.
+    let (both, _) = trainer::compress::prune_keep(&pruned, "pruned", 0.5).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&both).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["pruning"]).unwrap();
+    assert_eq!(
+        record["head"]["widths_after"],
+        serde_json::json!([32, 32, 32, 32])
+    );
+    assert_eq!(record["mlp_hidden"][0], serde_json::json!([32]));
+    let both = Detector::from_bytes(both, "both", &device).unwrap();
+    assert_eq!(both.config.head.widths, Some(vec![32, 32, 32, 32]));
+
+    let e = trainer::compress::prune_head(&bytes, "zeroed", 1.5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--head-keep"), "{e}");
+}
+
 #[test]
 fn int8_files_are_smaller_load_here_and_stay_close() {
     let device = Device::flex();

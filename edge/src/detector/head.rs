@@ -36,6 +36,14 @@ pub struct HeadConfig {
     /// Prior probability of a defect at a location, sets the class bias at init (FCOS, RetinaNet).
     #[config(default = 0.01)]
     pub prior_prob: f64,
+    /// Widths left by structured pruning (`trainer compress --head-keep`); none: every layer is
+    /// `dim` wide. Else `[pyramid, neck, tower layer 1, .., tower layer n]`: the laterals' outputs
+    /// (the top-down sums), the smoothing convolutions' outputs (the towers' input) and each
+    /// tower layer's output (class and box towers alike). Tower widths are whole GroupNorm
+    /// groups of `dim / norm_groups` channels: pruning keeps or drops a group, so a kept group
+    /// normalises exactly as before.
+    /// (An `Option` so that models saved before head pruning existed, without the field, load.)
+    pub widths: Option<Vec<usize>>,
 }
 
 impl HeadConfig {
@@ -46,7 +54,70 @@ impl HeadConfig {
                 self.dim, self.norm_groups
             ));
         }
+        if let Some(widths) = &self.widths {
+            let group = self.group_size();
+            let towers = widths.get(2..).unwrap_or_default();
+            if widths.len() != 2 + self.tower_convs
+                || widths.contains(&0)
+                || towers.iter().any(|w| !w.is_multiple_of(group))
+            {
+                return Err(format!(
+                    "head: `widths` {:?} must be [pyramid, neck] and {} tower widths, all \
+                     positive, the tower widths multiples of the group size {group}",
+                    widths, self.tower_convs
+                ));
+            }
+        }
         Ok(())
+    }
+
+    fn width(&self, i: usize) -> usize {
+        self.widths
+            .as_ref()
+            .and_then(|w| w.get(i).copied())
+            .unwrap_or(self.dim)
+    }
+
+    /// Channels in one GroupNorm group of the towers.
+    pub fn group_size(&self) -> usize {
+        self.dim / self.norm_groups
+    }
+
+    /// Output channels of the laterals (the pyramid levels).
+    pub fn pyramid_dim(&self) -> usize {
+        self.width(0)
+    }
+
+    /// Output channels of the smoothing convolutions (the towers' input).
+    pub fn neck_dim(&self) -> usize {
+        self.width(1)
+    }
+
+    /// Output channels of tower layer `i`.
+    pub fn tower_dim(&self, i: usize) -> usize {
+        self.width(2 + i)
+    }
+
+    /// Input channels of tower layer `i` (`i == tower_convs`: of the output convolutions).
+    pub fn tower_input_dim(&self, i: usize) -> usize {
+        if i == 0 {
+            self.neck_dim()
+        } else {
+            self.tower_dim(i - 1)
+        }
+    }
+
+    /// Multiply-adds per output location of a level whose backbone stage has `c_in` channels.
+    pub fn macs_per_position(&self, c_in: usize, num_classes: usize) -> usize {
+        let k = 9; // 3x3
+        let (p, n) = (self.pyramid_dim(), self.neck_dim());
+        let towers: usize = (0..self.tower_convs)
+            .map(|i| self.tower_input_dim(i) * self.tower_dim(i) * k)
+            .sum();
+        c_in * p
+            + p * n * k
+            + 2 * towers
+            + self.tower_input_dim(self.tower_convs) * (num_classes + 4) * k
     }
 
     /// `in_dims`: channels of the backbone stages used, finest first.
@@ -62,27 +133,34 @@ impl HeadConfig {
         };
         let tower = || {
             (0..self.tower_convs)
-                .map(|_| TowerLayer {
-                    conv: conv(self.dim, self.dim, 3),
-                    norm: GroupNormConfig::new(self.norm_groups, self.dim).init(device),
+                .map(|i| {
+                    let width = self.tower_dim(i);
+                    TowerLayer {
+                        conv: conv(self.tower_input_dim(i), width, 3),
+                        norm: GroupNormConfig::new(width / self.group_size(), width).init(device),
+                    }
                 })
                 .collect::<Vec<_>>()
         };
-        let mut cls_out = conv(self.dim, num_classes, 3);
+        let last = self.tower_input_dim(self.tower_convs);
+        let mut cls_out = conv(last, num_classes, 3);
         let prior_bias = -((1.0 - self.prior_prob) / self.prior_prob).ln();
         cls_out.bias = cls_out
             .bias
             .map(|b| b.map(|b| super::swin::trainable(Tensor::full(b.dims(), prior_bias, device))));
         DetectionHead {
-            lateral: in_dims.iter().map(|&c| conv(c, self.dim, 1)).collect(),
+            lateral: in_dims
+                .iter()
+                .map(|&c| conv(c, self.pyramid_dim(), 1))
+                .collect(),
             smooth: in_dims
                 .iter()
-                .map(|_| conv(self.dim, self.dim, 3))
+                .map(|_| conv(self.pyramid_dim(), self.neck_dim(), 3))
                 .collect(),
             cls_tower: tower(),
             reg_tower: tower(),
             cls_out,
-            reg_out: conv(self.dim, 4, 3),
+            reg_out: conv(last, 4, 3),
             scales: in_dims
                 .iter()
                 .map(|_| Param::from_tensor(Tensor::ones([1], device)))

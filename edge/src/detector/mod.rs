@@ -77,14 +77,7 @@ impl DetectorConfig {
     pub fn macs(&self) -> u64 {
         let dims = self.backbone.stage_dims();
         let [h, w] = self.backbone.img_size;
-        let d = self.head.dim;
-        let k = 9; // 3x3
-        let per_position = |c_in: usize| {
-            c_in * d // lateral 1x1
-                + d * d * k // smooth 3x3
-                + 2 * self.head.tower_convs * d * d * k // class and box towers
-                + d * (self.classes.len() + 4) * k // class and box outputs
-        };
+        let per_position = |c_in: usize| self.head.macs_per_position(c_in, self.classes.len());
         let head: usize = self
             .feature_stages
             .iter()
