@@ -9,6 +9,10 @@
 //! fine-tuning (`trainer finetune --init pruned.safetensors`) closes the gap. The MLPs hold about
 //! two thirds of the backbone's multiply-adds; attention heads are not pruned (see the README).
 //!
+//! Head pruning (`prune_head`) removes channels of the neck and the detection head, which hold
+//! about a third of a pruned edge model's multiply-adds: pyramid and neck channels, and the
+//! towers' channels in whole GroupNorm groups (see the function for the criterion).
+//!
 //! INT8: every Linear and convolution weight (`edge::detector::quant`), except the layers the
 //! sensitivity scan finds costly: each candidate is quantized alone and the detector's outputs on
 //! calibration images are compared with the FP32 outputs (relative L2 error of the class logits
