@@ -279,8 +279,8 @@ pub struct PretrainOutcome {
     pub images_per_second: f64,
 }
 
-/// Pretrains in `run_dir`; resumable at epoch boundaries (and after a Ctrl-C, which ends the
-/// epoch early and saves).
+/// Pretrains in `run_dir`; saves at the end of every epoch and after a Ctrl-C (which stops after
+/// the current step); `resume` continues at the step where the run stopped.
 pub fn run(
     config: &PretrainConfig,
     run_dir: &Path,
@@ -359,12 +359,16 @@ pub fn run(
     }
     while state.epoch < config.epochs && state.step < total_steps {
         let order = epoch_order(train.len(), config.seed, state.epoch);
+        // Steps of this epoch taken before a stop (a resumed run skips them).
+        let done = state.step.saturating_sub(state.epoch * steps_per_epoch);
         let bar = crate::progress::bar(steps_per_epoch as u64, "simclr");
         bar.set_prefix(format!("{}/{}", state.epoch + 1, config.epochs));
+        bar.inc(done as u64);
         for (b, chunk) in order
             .chunks(config.batch_size)
             .filter(|c| c.len() == config.batch_size)
             .enumerate()
+            .skip(done)
         {
             let t = Instant::now();
             let seeds = |view: u64| -> Vec<u64> {
@@ -416,8 +420,12 @@ pub fn run(
             }
         }
         bar.finish();
-        state.epoch += 1;
-        if let Some(acc) = knn(&model.backbone)? {
+        let epoch_done = !stopped || state.step == (state.epoch + 1) * steps_per_epoch;
+        // Stopped mid-epoch: the checkpoint below keeps the position; no kNN check yet.
+        if epoch_done {
+            state.epoch += 1;
+        }
+        if epoch_done && let Some(acc) = knn(&model.backbone)? {
             tracing::info!(
                 "epoch {}: kNN accuracy {acc:.4} on the validation split (file-name classes)",
                 state.epoch

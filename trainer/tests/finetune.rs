@@ -322,3 +322,61 @@ fn a_resumed_run_takes_the_same_steps_as_a_straight_run() {
         );
     }
 }
+
+/// The same for SimCLR pretraining, stopped in the middle of an epoch.
+#[test]
+fn a_resumed_pretraining_takes_the_same_steps_as_a_straight_one() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 0, 4).unwrap();
+    let mut config = trainer::simclr::PretrainConfig::new(data.clone());
+    config.backbone = SwinConfig::nano();
+    config.input_size = 64;
+    config.batch_size = 6;
+    config.epochs = 2;
+    config.knn_k = 3;
+    let device = Device::flex();
+    let pretrain = |dir: &std::path::Path, resume: bool, stop: bool| {
+        trainer::simclr::run(
+            &config,
+            dir,
+            &device,
+            resume,
+            Arc::new(AtomicBool::new(stop)),
+        )
+        .unwrap()
+    };
+    let straight = dir.path().join("straight");
+    let full = pretrain(&straight, false, false);
+    let resumed = dir.path().join("resumed");
+    let first = pretrain(&resumed, false, true);
+    assert!(first.stopped);
+    assert_eq!(
+        (first.state.step, first.state.epoch),
+        (1, 0),
+        "stopped in epoch 1"
+    );
+    let rest = pretrain(&resumed, true, false);
+    assert_eq!(rest.state.step, full.state.step);
+    assert_eq!(
+        rest.state.knn.len(),
+        full.state.knn.len(),
+        "one kNN check per epoch"
+    );
+
+    let a = losses(&straight);
+    let b = losses(&resumed);
+    assert_eq!(a.len(), 6, "18 training images at batch 6, 2 epochs");
+    assert_eq!(
+        a.iter().map(|p| p.0).collect::<Vec<_>>(),
+        b.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "step {step}: straight {x:.6}, stopped-and-resumed {y:.6}\nstraight {a:?}\nresumed {b:?}"
+        );
+    }
+}
