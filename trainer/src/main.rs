@@ -363,6 +363,21 @@ enum Command {
     },
 }
 
+/// "2.007 -> 1.404 GFLOPs (0.70x), 5429977 -> 3389497 parameters"
+fn shrinkage(
+    macs_before: u64,
+    macs_after: u64,
+    params_before: usize,
+    params_after: usize,
+) -> String {
+    format!(
+        "{:.3} -> {:.3} GFLOPs ({:.2}x), {params_before} -> {params_after} parameters",
+        2.0 * macs_before as f64 / 1e9,
+        2.0 * macs_after as f64 / 1e9,
+        macs_after as f64 / macs_before as f64,
+    )
+}
+
 /// Set by the first Ctrl-C: the run stops after its current step and saves; a second quits.
 fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -731,14 +746,15 @@ fn main() -> Result<()> {
             if let Some(keep) = head_keep {
                 let (pruned, report) = trainer::compress::prune_head(&bytes, &origin, keep)?;
                 println!(
-                    "pruned head channels (widths {:?} -> {:?}): {:.3} -> {:.3} GFLOPs ({:.2}x), {} -> {} parameters",
+                    "pruned head channels (widths {:?} -> {:?}): {}",
                     report.widths_before,
                     report.widths_after,
-                    2.0 * report.macs_before as f64 / 1e9,
-                    2.0 * report.macs_after as f64 / 1e9,
-                    report.macs_after as f64 / report.macs_before as f64,
-                    report.params_before,
-                    report.params_after
+                    shrinkage(
+                        report.macs_before,
+                        report.macs_after,
+                        report.params_before,
+                        report.params_after
+                    )
                 );
                 summary.insert("head_pruning".into(), serde_json::to_value(&report)?);
                 bytes = pruned;
@@ -746,13 +762,14 @@ fn main() -> Result<()> {
             if let Some(ratio) = flops {
                 let (pruned, report) = trainer::compress::prune(&bytes, &origin, ratio)?;
                 println!(
-                    "pruned MLP channels (keep {:.1}%): {:.3} -> {:.3} GFLOPs ({:.2}x), {} -> {} parameters",
+                    "pruned MLP channels (keep {:.1}%): {}",
                     100.0 * report.mlp_keep_fraction,
-                    2.0 * report.macs_before as f64 / 1e9,
-                    2.0 * report.macs_after as f64 / 1e9,
-                    report.macs_after as f64 / report.macs_before as f64,
-                    report.params_before,
-                    report.params_after
+                    shrinkage(
+                        report.macs_before,
+                        report.macs_after,
+                        report.params_before,
+                        report.params_after
+                    )
                 );
                 summary.insert("pruning".into(), serde_json::to_value(&report)?);
                 bytes = pruned;

@@ -28,22 +28,19 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Zeroes fc2 rows of every other hidden channel: those channels contribute nothing.
-fn zero_odd_channels(bytes: &[u8]) -> Vec<u8> {
+/// The model file with `edit(name, shape, bytes)` applied to every tensor's F32 bytes.
+fn rewrite(bytes: &[u8], edit: impl Fn(&str, &[usize], &mut [u8])) -> Vec<u8> {
     let st = SafeTensors::deserialize(bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let mut data = view.data().to_vec();
-        if name.ends_with("mlp.fc2.weight") {
-            let c = shape[1];
-            for j in (1..shape[0]).step_by(2) {
-                data[j * c * 4..(j + 1) * c * 4].fill(0);
-            }
-        }
-        owned.push((name, shape, data));
-    }
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let mut data = view.data().to_vec();
+            edit(&name, view.shape(), &mut data);
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
     let views: Vec<_> = owned
         .iter()
         .map(|(n, s, d)| {
@@ -55,6 +52,38 @@ fn zero_odd_channels(bytes: &[u8]) -> Vec<u8> {
         })
         .collect();
     safetensors::serialize(views, header.metadata().clone()).unwrap()
+}
+
+/// Zeroes the rows `zero(row)` of a tensor (a row: everything of one output channel).
+fn zero_rows(shape: &[usize], data: &mut [u8], zero: impl Fn(usize) -> bool) {
+    let per = data.len() / shape[0];
+    for o in (0..shape[0]).filter(|&o| zero(o)) {
+        data[o * per..(o + 1) * per].fill(0);
+    }
+}
+
+/// Zeroes fc2 rows of every other hidden channel: those channels contribute nothing.
+fn zero_odd_channels(bytes: &[u8]) -> Vec<u8> {
+    rewrite(bytes, |name, shape, data| {
+        if name.ends_with("mlp.fc2.weight") {
+            zero_rows(shape, data, |j| j % 2 == 1);
+        }
+    })
+}
+
+/// Makes every other pyramid and neck channel and every other GroupNorm group of the towers
+/// carry nothing (weights and bias of what writes it zeroed; a tower group's gamma and beta
+/// zeroed, so it leaves the ReLU as 0).
+fn zero_odd_head_channels(bytes: &[u8]) -> Vec<u8> {
+    let group = 4; // edge_neu: 64 channels in 16 groups
+    rewrite(bytes, |name, shape, data| {
+        if name.starts_with("head.lateral.") || name.starts_with("head.smooth.") {
+            zero_rows(shape, data, |o| o % 2 == 1);
+        }
+        if name.contains("_tower.") && name.contains(".norm.") {
+            zero_rows(shape, data, |o| (o / group) % 2 == 1);
+        }
+    })
 }
 
 #[test]
@@ -89,44 +118,6 @@ fn pruning_removes_channels_and_keeps_what_matters() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("reaches") && e.contains("at most"), "{e}");
-}
-
-/// Makes every other pyramid and neck channel and every other GroupNorm group of the towers
-/// carry nothing (weights and bias of what writes it zeroed; a tower group's gamma and beta
-/// zeroed, so it leaves the ReLU as 0).
-fn zero_odd_head_channels(bytes: &[u8]) -> Vec<u8> {
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
-    let group = 4; // edge_neu: 64 channels in 16 groups
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let mut data = view.data().to_vec();
-        let per = data.len() / shape[0];
-        let zero_rows = |data: &mut Vec<u8>, odd: &dyn Fn(usize) -> bool| {
-            for o in (0..shape[0]).filter(|&o| odd(o)) {
-                data[o * per..(o + 1) * per].fill(0);
-            }
-        };
-        if name.starts_with("head.lateral.") || name.starts_with("head.smooth.") {
-            zero_rows(&mut data, &|o| o % 2 == 1);
-        }
-        if name.contains("_tower.") && name.contains(".norm.") {
-            zero_rows(&mut data, &|o| (o / group) % 2 == 1);
-        }
-        owned.push((name, shape, data));
-    }
-    let views: Vec<_> = owned
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, header.metadata().clone()).unwrap()
 }
 
 #[test]

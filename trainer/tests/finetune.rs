@@ -22,6 +22,17 @@ fn small_config(data: &std::path::Path) -> FinetuneConfig {
     config
 }
 
+/// SimCLR on 18 images: 3 steps an epoch, 2 epochs.
+fn nano_pretraining(data: &std::path::Path) -> trainer::simclr::PretrainConfig {
+    let mut config = trainer::simclr::PretrainConfig::new(data.to_path_buf());
+    config.backbone = SwinConfig::nano();
+    config.input_size = 64;
+    config.batch_size = 6;
+    config.epochs = 2;
+    config.knn_k = 3;
+    config
+}
+
 /// burn's random draws (initial weights, dropout) come from one seeded generator per process:
 /// tests that train hold this lock so that a concurrent test's draws do not interleave with theirs
 /// (the resume test compares two runs of the same seed step by step).
@@ -124,12 +135,7 @@ fn simclr_backbone_initialises_finetuning() {
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     trainer::data::synth::write_dataset(&data, &classes, 4, 0, 2).unwrap();
-    let mut pre = trainer::simclr::PretrainConfig::new(data.clone());
-    pre.backbone = SwinConfig::nano();
-    pre.input_size = 64;
-    pre.batch_size = 6;
-    pre.epochs = 2;
-    pre.knn_k = 3;
+    let pre = nano_pretraining(&data);
     let run_dir = dir.path().join("simclr");
     let outcome = trainer::simclr::run(
         &pre,
@@ -331,12 +337,7 @@ fn a_resumed_pretraining_takes_the_same_steps_as_a_straight_one() {
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     trainer::data::synth::write_dataset(&data, &classes, 4, 0, 4).unwrap();
-    let mut config = trainer::simclr::PretrainConfig::new(data.clone());
-    config.backbone = SwinConfig::nano();
-    config.input_size = 64;
-    config.batch_size = 6;
-    config.epochs = 2;
-    config.knn_k = 3;
+    let config = nano_pretraining(&data);
     let device = Device::flex();
     let pretrain = |dir: &std::path::Path, resume: bool, stop: bool| {
         trainer::simclr::run(
