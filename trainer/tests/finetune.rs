@@ -33,6 +33,28 @@ fn nano_pretraining(data: &std::path::Path) -> trainer::simclr::PretrainConfig {
     config
 }
 
+/// Both runs logged `steps` losses, step by step equal to 1e-4 (relative).
+fn assert_same_losses(
+    straight: &std::path::Path,
+    resumed: &std::path::Path,
+    steps: usize,
+    why: &str,
+) {
+    let a = losses(straight);
+    let b = losses(resumed);
+    assert_eq!(a.len(), steps, "{why}");
+    assert_eq!(
+        a.iter().map(|p| p.0).collect::<Vec<_>>(),
+        b.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "step {step}: straight run loss {x:.6}, stopped-and-resumed run {y:.6}\nstraight {a:?}\nresumed {b:?}"
+        );
+    }
+}
+
 /// burn's random draws (initial weights, dropout) come from one seeded generator per process:
 /// tests that train hold this lock so that a concurrent test's draws do not interleave with theirs
 /// (the resume test compares two runs of the same seed step by step).
@@ -314,19 +336,12 @@ fn a_resumed_run_takes_the_same_steps_as_a_straight_run() {
     )
     .unwrap();
 
-    let a = losses(&straight);
-    let b = losses(&resumed);
-    assert_eq!(a.len(), 4, "18 training images at batch 4: 4 steps");
-    assert_eq!(
-        a.iter().map(|p| p.0).collect::<Vec<_>>(),
-        b.iter().map(|p| p.0).collect::<Vec<_>>()
+    assert_same_losses(
+        &straight,
+        &resumed,
+        4,
+        "18 training images at batch 4: 4 steps",
     );
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
-            "step {step}: straight run loss {x:.6}, stopped-and-resumed run {y:.6}\nstraight {a:?}\nresumed {b:?}"
-        );
-    }
 }
 
 /// The same for SimCLR pretraining, stopped in the middle of an epoch.
@@ -367,17 +382,10 @@ fn a_resumed_pretraining_takes_the_same_steps_as_a_straight_one() {
         "one kNN check per epoch"
     );
 
-    let a = losses(&straight);
-    let b = losses(&resumed);
-    assert_eq!(a.len(), 6, "18 training images at batch 6, 2 epochs");
-    assert_eq!(
-        a.iter().map(|p| p.0).collect::<Vec<_>>(),
-        b.iter().map(|p| p.0).collect::<Vec<_>>()
+    assert_same_losses(
+        &straight,
+        &resumed,
+        6,
+        "18 training images at batch 6, 2 epochs",
     );
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
-            "step {step}: straight {x:.6}, stopped-and-resumed {y:.6}\nstraight {a:?}\nresumed {b:?}"
-        );
-    }
 }
