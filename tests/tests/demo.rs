@@ -50,6 +50,12 @@ fn demo_runs_the_whole_product_against_mosquitto() {
         "the new model agrees with the strip's ground truth on {agree}/{frames} frames: {line}"
     );
     assert!(out.join("report/report.md").exists());
+    // Each training run draws its curves: loss with kNN accuracy, loss with mAP.
+    for run in ["simclr", "finetune"] {
+        let png = out.join(run).join("curves.png");
+        let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert_eq!((img.width(), img.height()), (900, 500), "{}", png.display());
+    }
     // The demo's package is one version above the factory model's (devices refuse downgrades).
     let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/models");
     let release = std::fs::read_to_string(models.join("release.pub")).unwrap();

@@ -620,6 +620,12 @@ fn main() -> Result<()> {
                 outcome.state.knn,
                 out.join("backbone.safetensors").display()
             );
+            report::plot_training_curves(
+                &out.join("metrics.jsonl"),
+                &out.join("curves.png"),
+                "knn_accuracy",
+                "validation kNN accuracy",
+            )?;
         }
         Command::Finetune {
             data,
@@ -721,7 +727,12 @@ fn main() -> Result<()> {
             if let Some(r) = &outcome.last_report {
                 report::write(r, &out.join("report"), "validation")?;
             }
-            report::plot_training_curves(&out.join("metrics.jsonl"), &out.join("curves.png"))?;
+            report::plot_training_curves(
+                &out.join("metrics.jsonl"),
+                &out.join("curves.png"),
+                "val_map50",
+                "validation mAP@0.5",
+            )?;
         }
         Command::Compress {
             model,

@@ -129,8 +129,9 @@ fn plot_pr_curves(report: &EvalReport, path: &Path) -> Result<()> {
     save_png(buffer, w, h, path)
 }
 
-/// Training loss per step and validation mAP per evaluation, from a run's `metrics.jsonl`.
-pub fn plot_training_curves(metrics: &Path, path: &Path) -> Result<()> {
+/// Training loss per step and a validation metric per evaluation (`metric`: its key in the
+/// run's `metrics.jsonl`, e.g. `val_map50`; `label`: how the plot names it).
+pub fn plot_training_curves(metrics: &Path, path: &Path, metric: &str, label: &str) -> Result<()> {
     let text = std::fs::read_to_string(metrics)
         .with_context(|| format!("reading {}", metrics.display()))?;
     let mut loss: Vec<(f64, f64)> = Vec::new();
@@ -143,7 +144,7 @@ pub fn plot_training_curves(metrics: &Path, path: &Path) -> Result<()> {
         if let Some(l) = v["loss"].as_f64() {
             loss.push((step, l));
         }
-        if let Some(m) = v["val_map50"].as_f64() {
+        if let Some(m) = v[metric].as_f64() {
             map.push((step, m));
         }
     }
@@ -175,7 +176,7 @@ pub fn plot_training_curves(metrics: &Path, path: &Path) -> Result<()> {
             * 1.1;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "Training loss (20-step mean) and validation mAP@0.5",
+                format!("Training loss (20-step mean) and {label}"),
                 ("sans-serif", 22),
             )
             .margin(15)
@@ -192,7 +193,7 @@ pub fn plot_training_curves(metrics: &Path, path: &Path) -> Result<()> {
             .draw()?;
         chart
             .configure_secondary_axes()
-            .y_desc("mAP@0.5")
+            .y_desc(label)
             .label_style(("sans-serif", 16))
             .draw()?;
         chart
@@ -203,7 +204,7 @@ pub fn plot_training_curves(metrics: &Path, path: &Path) -> Result<()> {
             });
         chart
             .draw_secondary_series(LineSeries::new(map.clone(), COLORS[1].stroke_width(2)))?
-            .label("val mAP@0.5")
+            .label(label)
             .legend(|(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], COLORS[1].stroke_width(2))
             });
