@@ -7,7 +7,10 @@
 //! `||fc1[:, j]||_2 * ||fc2[j, :]||_2`, the largest gain with which j can move the block's output
 //! (GELU is 1-Lipschitz), a data-free criterion that needs no gradient pass; recovery
 //! fine-tuning (`trainer finetune --init pruned.safetensors`) closes the gap. The MLPs hold about
-//! two thirds of the backbone's multiply-adds; attention heads are not pruned (see the README).
+//! two thirds of the backbone's multiply-adds.
+//!
+//! Attention-head pruning (`prune_attention`) removes whole heads of each block: their q, k, v
+//! columns, output-projection rows and relative-position bias column (see the function).
 //!
 //! Head pruning (`prune_head`) removes channels of the neck and the detection head, which hold
 //! about a third of a pruned edge model's multiply-adds: pyramid and neck channels, and the
@@ -208,9 +211,11 @@ pub fn prune_keep(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Pru
         .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
     let mut record = serde_json::to_value(&report)?;
     file.record_pruning(|previous| {
-        // A head pruned earlier stays on record.
-        if let Some(head) = previous.get("head") {
-            record["head"] = head.clone();
+        // A head or attention heads pruned earlier stay on record.
+        for key in ["head", "attention"] {
+            if let Some(earlier) = previous.get(key) {
+                record[key] = earlier.clone();
+            }
         }
         record
     })?;
@@ -309,6 +314,23 @@ impl ModelFile {
         let mut shape = shape;
         shape[1] = kept.len();
         self.tensors.insert(name.into(), (shape, values));
+        Ok(())
+    }
+
+    /// Keeps the columns `kept` of a matrix `[rows, cols]` (a Linear weight's outputs, a bias
+    /// table's heads).
+    fn keep_columns(&mut self, name: &str, kept: &[usize]) -> Result<()> {
+        let (shape, v) = self.tensor(name)?.clone();
+        if shape.len() != 2 {
+            bail!("`{name}`: {shape:?} is not a matrix");
+        }
+        let cols = shape[1];
+        let values = (0..shape[0])
+            .flat_map(|r| kept.iter().map(move |&j| r * cols + j))
+            .map(|at| v[at])
+            .collect();
+        self.tensors
+            .insert(name.into(), (vec![shape[0], kept.len()], values));
         Ok(())
     }
 
@@ -468,6 +490,127 @@ pub fn prune_head(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Hea
     let record = serde_json::to_value(&report)?;
     file.record_pruning(|mut previous| {
         previous["head"] = record;
+        previous
+    })?;
+    Ok((file.to_bytes()?, report))
+}
+
+/// What attention-head pruning did, recorded in the package manifest (`pruning.attention`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttentionPruneReport {
+    pub method: String,
+    pub keep_fraction: f64,
+    /// Heads per block (outer index stage), before and after.
+    pub heads_before: Vec<Vec<usize>>,
+    pub heads_after: Vec<Vec<usize>>,
+    /// Which of its original heads each block kept.
+    pub kept: Vec<Vec<Vec<usize>>>,
+    pub macs_before: u64,
+    pub macs_after: u64,
+    pub params_before: usize,
+    pub params_after: usize,
+}
+
+/// Structured pruning of attention heads: each block keeps `round(keep x heads)` of its heads
+/// (at least one), the most important. A head keeps its width, so its q, k and v columns of the
+/// qkv projection, its rows of the output projection and its column of the relative-position
+/// bias table go together, and the block's config records how many heads it has
+/// (`backbone.attn_heads`).
+///
+/// Importance of head h, data-free like the MLP criterion: `||W_v[:, h]|| * ||W_proj[h, :]||`.
+/// Attention weights are a convex combination (softmax rows sum to 1), so whatever q and k do,
+/// head h moves the block's output by at most that product times the input's norm: it bounds
+/// the head's contribution the way `||fc1[:, j]|| * ||fc2[j, :]||` bounds an MLP channel's
+/// (a weight-magnitude criterion in the spirit of Michel et al. 2019's head pruning, without
+/// their gradient pass). A head whose value or output weights are all zero scores 0 and goes
+/// first.
+pub fn prune_attention(
+    bytes: &[u8],
+    origin: &str,
+    keep: f64,
+) -> Result<(Vec<u8>, AttentionPruneReport)> {
+    if !(keep > 0.0 && keep < 1.0) {
+        bail!("--attn-keep {keep}: give the fraction of attention heads to keep, in (0, 1)");
+    }
+    let mut file = ModelFile::parse(bytes, origin)?;
+    let mut config = file.config()?;
+    let backbone = config.backbone.clone();
+    let macs_before = config.macs();
+    let params_before: usize = file.tensors.values().map(|(_, v)| v.len()).sum();
+    let mut heads_before = vec![];
+    let mut heads_after = vec![];
+    let mut kept_all = vec![];
+    for (stage, &depth) in backbone.depths.iter().enumerate() {
+        let hd = backbone.head_dim(stage);
+        let (mut before, mut after, mut kept_stage) = (vec![], vec![], vec![]);
+        for block in 0..depth {
+            let heads = backbone.heads_of(stage, block);
+            let target = ((heads as f64 * keep).round() as usize).clamp(1, heads);
+            let prefix = format!("backbone.layers.{stage}.blocks.{block}.attn");
+            let qkv = file.tensor(&format!("{prefix}.qkv.weight"))?.clone(); // [C, 3 * inner]
+            let proj = file.tensor(&format!("{prefix}.proj.weight"))?.clone(); // [inner, C]
+            let inner = heads * hd;
+            let (c, cols) = (qkv.0[0], qkv.0[1]);
+            if cols != 3 * inner || proj.0 != [inner, c] {
+                bail!(
+                    "{origin}: `{prefix}`: qkv {:?} and proj {:?} do not fit {heads} heads of {hd}",
+                    qkv.0,
+                    proj.0
+                );
+            }
+            let importance: Vec<f64> = (0..heads)
+                .map(|h| {
+                    let v_cols = 2 * inner + h * hd..2 * inner + (h + 1) * hd;
+                    let v: f64 = (0..c)
+                        .flat_map(|i| v_cols.clone().map(move |j| i * cols + j))
+                        .map(|at| (qkv.1[at] as f64).powi(2))
+                        .sum();
+                    let p: f64 = proj.1[h * hd * c..(h + 1) * hd * c]
+                        .iter()
+                        .map(|&x| (x as f64).powi(2))
+                        .sum();
+                    (v * p).sqrt()
+                })
+                .collect();
+            let kept = best(&importance, target);
+            // Columns of q, k and v of the kept heads, in timm's (3, heads, head_dim) layout.
+            let columns: Vec<usize> = (0..3)
+                .flat_map(|part| kept.iter().map(move |&h| part * inner + h * hd))
+                .flat_map(|start| start..start + hd)
+                .collect();
+            let rows: Vec<usize> = kept.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
+            file.keep_columns(&format!("{prefix}.qkv.weight"), &columns)?;
+            file.keep_outputs(&format!("{prefix}.qkv.bias"), &columns)?;
+            file.keep_outputs(&format!("{prefix}.proj.weight"), &rows)?;
+            file.keep_columns(&format!("{prefix}.relative_position_bias_table"), &kept)?;
+            before.push(heads);
+            after.push(kept.len());
+            kept_stage.push(kept);
+        }
+        heads_before.push(before);
+        heads_after.push(after);
+        kept_all.push(kept_stage);
+    }
+    config.backbone.attn_heads = Some(heads_after.clone());
+    config
+        .validate()
+        .with_context(|| format!("{origin}: the pruned attention's config"))?;
+    let report = AttentionPruneReport {
+        method: "attention-heads-l2-product".into(),
+        keep_fraction: keep,
+        heads_before,
+        heads_after,
+        kept: kept_all,
+        macs_before,
+        macs_after: config.macs(),
+        params_before,
+        params_after: file.tensors.values().map(|(_, v)| v.len()).sum(),
+    };
+    file.metadata
+        .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
+    let record = serde_json::to_value(&report)?;
+    file.record_pruning(|mut previous| {
+        previous["attention"] = record;
         previous
     })?;
     Ok((file.to_bytes()?, report))

@@ -131,8 +131,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Compress a detector: prune MLP channels to a FLOPs target (then recover with
-    /// `finetune --init OUT`), and/or store weights as INT8 after a per-layer sensitivity scan.
+    /// Compress a detector: prune neck/head channels, attention heads and MLP channels (then
+    /// recover with `finetune --init OUT`), and/or store weights as INT8 after a per-layer
+    /// sensitivity scan.
     Compress {
         /// FP32 detector model file.
         #[arg(long)]
@@ -149,6 +150,12 @@ enum Command {
         /// norms (network slimming for the towers); applied before --flops. E.g. 0.5.
         #[arg(long)]
         head_keep: Option<f64>,
+        /// Keep this fraction of each Swin block's attention heads (at least one per block), the
+        /// most important by ||value weights|| x ||output-projection weights||; whole heads go,
+        /// with their qkv columns, proj rows and bias-table column. Applied after --head-keep,
+        /// before --flops. E.g. 0.5.
+        #[arg(long)]
+        attn_keep: Option<f64>,
         /// Store Linear and convolution weights as INT8 (symmetric, per output channel).
         #[arg(long)]
         int8: bool,
@@ -739,6 +746,7 @@ fn main() -> Result<()> {
             out,
             flops,
             head_keep,
+            attn_keep,
             int8,
             data,
             calibration_images,
@@ -746,9 +754,9 @@ fn main() -> Result<()> {
             split_seed,
             val_fraction,
         } => {
-            if flops.is_none() && head_keep.is_none() && !int8 {
+            if flops.is_none() && head_keep.is_none() && attn_keep.is_none() && !int8 {
                 anyhow::bail!(
-                    "nothing to do: give --flops RATIO, --head-keep FRACTION and/or --int8"
+                    "nothing to do: give --flops RATIO, --head-keep FRACTION, --attn-keep FRACTION and/or --int8"
                 );
             }
             let origin = model.display().to_string();
@@ -768,6 +776,22 @@ fn main() -> Result<()> {
                     )
                 );
                 summary.insert("head_pruning".into(), serde_json::to_value(&report)?);
+                bytes = pruned;
+            }
+            if let Some(keep) = attn_keep {
+                let (pruned, report) = trainer::compress::prune_attention(&bytes, &origin, keep)?;
+                println!(
+                    "pruned attention heads ({:?} -> {:?}): {}",
+                    report.heads_before,
+                    report.heads_after,
+                    shrinkage(
+                        report.macs_before,
+                        report.macs_after,
+                        report.params_before,
+                        report.params_after
+                    )
+                );
+                summary.insert("attention_pruning".into(), serde_json::to_value(&report)?);
                 bytes = pruned;
             }
             if let Some(ratio) = flops {

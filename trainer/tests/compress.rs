@@ -163,6 +163,99 @@ fn head_pruning_removes_channels_and_keeps_what_matters() {
     assert!(e.contains("--head-keep"), "{e}");
 }
 
+/// Makes every odd attention head of every block write nothing (its rows of the output
+/// projection zeroed). The nano backbone's heads are 16 wide in stages 0 and 1, 32 in 2 and 3.
+fn zero_odd_heads(bytes: &[u8]) -> Vec<u8> {
+    rewrite(bytes, |name, shape, data| {
+        if name.ends_with("attn.proj.weight") {
+            let wide = name.contains("layers.2.") || name.contains("layers.3.");
+            let head_dim = if wide { 32 } else { 16 };
+            zero_rows(shape, data, |row| (row / head_dim) % 2 == 1);
+        }
+    })
+}
+
+#[test]
+fn attention_head_pruning_removes_heads_and_keeps_what_matters() {
+    let device = Device::flex();
+    let detector = nano(&device);
+    let bytes = zero_odd_heads(&detector.to_bytes().unwrap());
+    let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
+    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
+    let expected = outputs(&original, &input);
+
+    let (pruned, report) = trainer::compress::prune_attention(&bytes, "zeroed", 0.5).unwrap();
+    // nano: heads 1-2-2-4, one block per stage; a block keeps at least one head.
+    assert_eq!(
+        report.heads_before,
+        vec![vec![1], vec![2], vec![2], vec![4]]
+    );
+    assert_eq!(report.heads_after, vec![vec![1], vec![1], vec![1], vec![2]]);
+    assert_eq!(
+        report.kept,
+        vec![
+            vec![vec![0]],
+            vec![vec![0]],
+            vec![vec![0]],
+            vec![vec![0, 2]]
+        ],
+        "the heads that write nothing go first"
+    );
+    assert!(report.macs_after < report.macs_before);
+    let mut small = Detector::from_bytes(pruned.clone(), "pruned", &device).unwrap();
+    assert_eq!(
+        small.config.backbone.attn_heads,
+        Some(report.heads_after.clone())
+    );
+    assert_eq!(small.config.macs(), report.macs_after);
+    assert_eq!(small.model.num_params(), report.params_after);
+    let attn = &small.model.backbone.layers[3].blocks[0].attn;
+    assert_eq!(attn.qkv.weight.dims(), [128, 3 * 2 * 32]);
+    assert_eq!(attn.proj.weight.dims(), [2 * 32, 128]);
+    assert_eq!(attn.relative_position_bias_table.dims()[1], 2);
+    // Our window-attention kernel (the default on this CPU) and the explicit matmul-softmax
+    // path both run the narrower blocks and agree with the unpruned model.
+    let diff = max_abs_diff(&outputs(&small, &input), &expected);
+    assert!(diff < 1e-4, "pruned outputs (kernel) moved by {diff}");
+    small
+        .model
+        .backbone
+        .set_attention_impl(edge::detector::AttentionImpl::Explicit);
+    let diff = max_abs_diff(&outputs(&small, &input), &expected);
+    assert!(diff < 1e-4, "pruned outputs (explicit) moved by {diff}");
+    // INT8 of the narrower qkv/proj loads and runs through the INT8 kernel.
+    let (int8, _) = edge::detector::quant::quantize(&pruned, "pruned", &|_| false).unwrap();
+    let int8 = Detector::from_bytes(int8, "pruned int8", &device).unwrap();
+    let rel = {
+        let got = outputs(&int8, &input);
+        let num: f32 = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum();
+        let den: f32 = expected.iter().map(|b| b * b).sum();
+        (num / den).sqrt()
+    };
+    assert!(rel < 0.05, "INT8 of the pruned model: relative error {rel}");
+
+    // MLP pruning after it keeps the attention record and head counts.
+    let (both, _) = trainer::compress::prune_keep(&pruned, "pruned", 0.5).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&both).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["pruning"]).unwrap();
+    assert_eq!(
+        record["attention"]["heads_after"][3],
+        serde_json::json!([2])
+    );
+    let both = Detector::from_bytes(both, "both", &device).unwrap();
+    assert_eq!(both.config.backbone.attn_heads, Some(report.heads_after));
+
+    let e = trainer::compress::prune_attention(&bytes, "zeroed", 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--attn-keep"), "{e}");
+}
+
 #[test]
 fn int8_files_are_smaller_load_here_and_stay_close() {
     let device = Device::flex();

@@ -46,6 +46,10 @@ pub struct SwinConfig {
     /// `embed_dim * 2^stage * mlp_ratio` everywhere; channel pruning writes explicit widths.
     #[config(default = "Vec::new()")]
     pub mlp_hidden: Vec<Vec<usize>>,
+    /// Attention heads each block keeps, outer index stage, inner block, after head pruning
+    /// (absent: `num_heads` everywhere). A head keeps its width (`head_dim`), so a block with
+    /// fewer heads has a narrower qkv projection, proj input and bias table.
+    pub attn_heads: Option<Vec<Vec<usize>>>,
 }
 
 /// How the attention of one window is computed; all compute the same function.
@@ -107,6 +111,20 @@ impl SwinConfig {
             .unwrap_or(((self.embed_dim << stage) as f64 * self.mlp_ratio) as usize)
     }
 
+    /// Attention heads of one block (fewer than `num_heads` after head pruning).
+    pub fn heads_of(&self, stage: usize, block: usize) -> usize {
+        self.attn_heads
+            .as_ref()
+            .and_then(|heads| heads.get(stage))
+            .and_then(|heads| heads.get(block).copied())
+            .unwrap_or(self.num_heads[stage])
+    }
+
+    /// Width of one attention head in a stage (pruning removes heads, never narrows them).
+    pub fn head_dim(&self, stage: usize) -> usize {
+        (self.embed_dim << stage) / self.num_heads[stage]
+    }
+
     /// Multiply-accumulates of one forward pass at `img_size` (convolutions, linears and the
     /// two attention matmuls; norms, softmax and GELU are not counted).
     pub fn macs(&self) -> u64 {
@@ -126,7 +144,9 @@ impl SwinConfig {
             let window = res[0].min(self.window_size) * res[1].min(self.window_size);
             for block in 0..depth {
                 let hidden = self.mlp_hidden_of(stage, block);
-                macs += n * c * 3 * c + n * c * c + 2 * n * window * c + 2 * n * c * hidden;
+                let inner = self.heads_of(stage, block) * self.head_dim(stage);
+                macs += n * c * 3 * inner + n * inner * c + 2 * n * window * inner;
+                macs += 2 * n * c * hidden;
             }
         }
         macs as u64
@@ -167,6 +187,19 @@ impl SwinConfig {
                 }
             }
         }
+        if let Some(heads) = &self.attn_heads {
+            if heads.len() != self.depths.len() {
+                return Err("swin: `attn_heads` must list every stage".into());
+            }
+            for (i, (kept, &depth)) in heads.iter().zip(&self.depths).enumerate() {
+                let full = self.num_heads[i];
+                if kept.len() != depth || kept.iter().any(|&h| h == 0 || h > full) {
+                    return Err(format!(
+                        "swin: `attn_heads[{i}]` must give {depth} head counts, each 1 to {full}"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -189,8 +222,9 @@ impl SwinConfig {
             self.img_size[1].div_ceil(self.patch_size),
         ];
         let mut layers = Vec::with_capacity(self.depths.len());
-        for (stage, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
+        for (stage, &depth) in self.depths.iter().enumerate() {
             let dim = self.embed_dim << stage;
+            let head_dim = self.head_dim(stage);
             let downsample = if stage > 0 {
                 resolution = [resolution[0].div_ceil(2), resolution[1].div_ceil(2)];
                 Some(PatchMerging {
@@ -231,8 +265,13 @@ impl SwinConfig {
                         0.0
                     };
                     block_index += 1;
-                    let hidden = self.mlp_hidden_of(stage, j);
-                    SwinBlock::new(dim, heads, window, shift, hidden, drop_path, device)
+                    let shape = BlockShape {
+                        dim,
+                        heads: self.heads_of(stage, j),
+                        head_dim,
+                        hidden: self.mlp_hidden_of(stage, j),
+                    };
+                    SwinBlock::new(shape, window, shift, drop_path, device)
                 })
                 .collect();
             layers.push(SwinStage { downsample, blocks });
@@ -466,16 +505,29 @@ pub struct SwinBlock {
     drop_path: f64,
 }
 
+/// Widths of one block: channels, attention heads and their width, MLP hidden channels.
+struct BlockShape {
+    dim: usize,
+    heads: usize,
+    head_dim: usize,
+    hidden: usize,
+}
+
 impl SwinBlock {
     fn new(
-        dim: usize,
-        heads: usize,
+        shape: BlockShape,
         window: [usize; 2],
         shift: [usize; 2],
-        hidden: usize,
         drop_path: f64,
         device: &Device,
     ) -> Self {
+        let BlockShape {
+            dim,
+            heads,
+            head_dim,
+            hidden,
+        } = shape;
+        let inner = heads * head_dim;
         let table_len = (2 * window[0] - 1) * (2 * window[1] - 1);
         let table = trunc_normal([table_len, heads], 0.02, device);
         let index = relative_position_index(window);
@@ -483,8 +535,8 @@ impl SwinBlock {
         Self {
             norm1: LayerNormConfig::new(dim).init(device),
             attn: WindowAttention {
-                qkv: trunc_normal_linear(dim, 3 * dim, true, device),
-                proj: trunc_normal_linear(dim, dim, true, device),
+                qkv: trunc_normal_linear(dim, 3 * inner, true, device),
+                proj: trunc_normal_linear(inner, dim, true, device),
                 relative_position_bias_table: burn::module::Param::from_tensor(table),
                 relative_position_index: Tensor::from_data(
                     TensorData::new(index, [n]),
@@ -680,11 +732,13 @@ pub struct WindowAttention {
 impl WindowAttention {
     /// `windows`: `[B * nW, N, C]`; `mask`: `[nW, N, N]` additive.
     fn forward(&self, windows: Tensor<3>, batch: usize, mask: Option<Tensor<3>>) -> Tensor<3> {
-        let [bw, n, c] = windows.dims();
+        let [bw, n, _] = windows.dims();
         let heads = self.num_heads;
-        let head_dim = c / heads;
         let nw = bw / batch;
-        let qkv = linear(&self.qkv, &self.qkv_int8, windows); // [B*nW, N, 3C]
+        let qkv = linear(&self.qkv, &self.qkv_int8, windows); // [B*nW, N, 3 * inner]
+        // `inner` = heads x head_dim: the block's channels, or fewer after head pruning.
+        let inner = qkv.dims()[2] / 3;
+        let head_dim = inner / heads;
         let table = self.relative_position_bias_table.val(); // [(2wh-1)(2ww-1), heads]
         let bias = table.select(0, self.relative_position_index.clone()); // [N*N, heads]
         let bias = bias.reshape([n, n, heads]).permute([2, 0, 1]); // [heads, N, N]
@@ -734,7 +788,7 @@ impl WindowAttention {
         }; // [group, heads', N, hd]
         debug_assert_eq!(out.dims()[0], group);
         let out = out.reshape([bw, heads, n, head_dim]);
-        let out = out.swap_dims(1, 2).reshape([bw, n, c]);
+        let out = out.swap_dims(1, 2).reshape([bw, n, inner]);
         linear(&self.proj, &self.proj_int8, out)
     }
 }
