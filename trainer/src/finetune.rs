@@ -38,6 +38,10 @@ pub struct FinetuneConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// The backbone trains at `lr x backbone_lr_scale` (the neck and head at `lr`): below 1
+    /// keeps a pretrained (SimCLR) backbone close to where it starts while a fresh head learns.
+    #[serde(default = "unit")]
+    pub backbone_lr_scale: f64,
     pub min_lr: f64,
     pub warmup_epochs: f64,
     pub weight_decay: f32,
@@ -53,6 +57,10 @@ pub struct FinetuneConfig {
     pub backbone: SwinConfig,
 }
 
+fn unit() -> f64 {
+    1.0
+}
+
 impl FinetuneConfig {
     pub fn new(data: PathBuf) -> Self {
         Self {
@@ -65,6 +73,7 @@ impl FinetuneConfig {
             epochs: 60,
             batch_size: 8,
             lr: 5e-4,
+            backbone_lr_scale: 1.0,
             min_lr: 1e-5,
             warmup_epochs: 2.0,
             weight_decay: 0.05,
@@ -357,9 +366,17 @@ pub fn run(
             .into_data()
             .try_into_vec_as::<f32>()
             .unwrap_or_default();
-            let grads = GradientsParams::from_grads(loss.total.backward(), &detector.model);
             let lr = learning_rate(&config, state.step, total_steps, warmup_steps);
-            detector.model = optim.step(lr, detector.model, grads);
+            let mut grads = loss.total.backward();
+            if config.backbone_lr_scale != 1.0 {
+                // Taking the backbone's gradients out first leaves the neck's and head's; AdamW
+                // keeps its moments per parameter, so two steps on disjoint parts are one step.
+                let backbone = GradientsParams::from_module(&mut grads, &detector.model.backbone);
+                detector.model =
+                    optim.step(lr * config.backbone_lr_scale, detector.model, backbone);
+            }
+            let rest = GradientsParams::from_module(&mut grads, &detector.model);
+            detector.model = optim.step(lr, detector.model, rest);
             let seconds = step_started.elapsed().as_secs_f64();
             train_seconds += seconds;
             trained_images += batch.count;

@@ -307,6 +307,10 @@ enum Command {
         /// Peak learning rate (AdamW), reached after the warmup.
         #[arg(long, default_value_t = 5e-4)]
         lr: f64,
+        /// The backbone trains at --lr times this (neck and head at --lr). Below 1 (e.g. 0.1)
+        /// keeps a pretrained backbone near its start while the fresh head learns.
+        #[arg(long, default_value_t = 1.0)]
+        backbone_lr_scale: f64,
         /// Learning rate at the end of the cosine decay.
         #[arg(long, default_value_t = 1e-5)]
         min_lr: f64,
@@ -647,6 +651,7 @@ fn main() -> Result<()> {
             epochs,
             batch_size,
             lr,
+            backbone_lr_scale,
             min_lr,
             warmup_epochs,
             weight_decay,
@@ -693,6 +698,10 @@ fn main() -> Result<()> {
             config.epochs = epochs;
             config.batch_size = batch_size;
             config.lr = lr;
+            if !(backbone_lr_scale > 0.0 && backbone_lr_scale.is_finite()) {
+                anyhow::bail!("--backbone-lr-scale {backbone_lr_scale}: give a factor > 0");
+            }
+            config.backbone_lr_scale = backbone_lr_scale;
             config.min_lr = min_lr;
             config.warmup_epochs = warmup_epochs;
             config.weight_decay = weight_decay;

@@ -389,3 +389,80 @@ fn a_resumed_pretraining_takes_the_same_steps_as_a_straight_one() {
         "18 training images at batch 6, 2 epochs",
     );
 }
+
+/// Largest absolute change of the `backbone.*` and of the other (neck, head) tensors between two
+/// model files.
+fn largest_changes(before: &std::path::Path, after: &std::path::Path) -> (f32, f32) {
+    let a = std::fs::read(before).unwrap();
+    let b = std::fs::read(after).unwrap();
+    let a = safetensors::SafeTensors::deserialize(&a).unwrap();
+    let b = safetensors::SafeTensors::deserialize(&b).unwrap();
+    let (mut backbone, mut rest) = (0f32, 0f32);
+    for (name, view) in a.tensors() {
+        let other = b.tensor(&name).unwrap();
+        let values = |data: &[u8]| -> Vec<f32> {
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let change = values(view.data())
+            .iter()
+            .zip(values(other.data()))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        if name.starts_with("backbone.") {
+            backbone = backbone.max(change);
+        } else {
+            rest = rest.max(change);
+        }
+    }
+    (backbone, rest)
+}
+
+/// `backbone_lr_scale` slows the backbone alone: from the same start, two AdamW steps move the
+/// backbone about scale x as far as an unscaled run does, and the neck and head as far.
+#[test]
+fn backbone_lr_scale_slows_the_backbone_only() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
+    trainer::data::synth::write_dataset(&data, &classes, 4, 0, 2).unwrap();
+    let mut detector_config = edge::detector::DetectorConfig::edge_neu();
+    detector_config.backbone = SwinConfig::nano().with_img_size([96, 96]);
+    detector_config.preprocess.input_size = [96, 96];
+    let start = dir.path().join("start.safetensors");
+    edge::detector::Detector::new(detector_config, &Device::flex())
+        .unwrap()
+        .save(&start)
+        .unwrap();
+
+    let train = |scale: f64, name: &str| {
+        let mut config = small_config(&data);
+        config.init = Some(start.clone());
+        config.max_steps = Some(2);
+        config.warmup_epochs = 0.0;
+        config.backbone_lr_scale = scale;
+        let out = dir.path().join(name);
+        run(
+            &config,
+            &out,
+            &Device::flex(),
+            false,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        largest_changes(&start, &out.join("model.safetensors"))
+    };
+    let (backbone_full, head_full) = train(1.0, "full");
+    let (backbone_slow, head_slow) = train(0.01, "slow");
+    assert!(backbone_full > 1e-3, "the backbone trains: {backbone_full}");
+    assert!(
+        backbone_slow < 0.05 * backbone_full,
+        "backbone moved {backbone_slow} at scale 0.01, {backbone_full} at 1"
+    );
+    assert!(
+        head_slow > 0.5 * head_full && head_slow < 2.0 * head_full,
+        "head moved {head_slow} at scale 0.01, {head_full} at 1"
+    );
+}
