@@ -151,7 +151,7 @@ pub fn prune_keep(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Pru
     let mut file = ModelFile::parse(bytes, origin)?;
     let mut config = file.config()?;
     let macs_before = config.macs();
-    let params_before: usize = file.tensors.values().map(|(_, v)| v.len()).sum();
+    let params_before: usize = file.params();
     let new_widths = widths(&config, keep);
     for (stage, blocks) in new_widths.iter().enumerate() {
         for (block, &width) in blocks.iter().enumerate() {
@@ -205,7 +205,7 @@ pub fn prune_keep(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Pru
         macs_before,
         macs_after: config.macs(),
         params_before,
-        params_after: file.tensors.values().map(|(_, v)| v.len()).sum(),
+        params_after: file.params(),
     };
     file.metadata
         .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
@@ -334,6 +334,27 @@ impl ModelFile {
         Ok(())
     }
 
+    /// Puts the pruned network's config and this step's record (under `key` of the pruning
+    /// record, beside earlier steps') into the header; returns the file's bytes.
+    fn finish_pruning(
+        mut self,
+        config: &DetectorConfig,
+        key: &str,
+        record: serde_json::Value,
+    ) -> Result<Vec<u8>> {
+        self.metadata
+            .insert(CONFIG_KEY.into(), serde_json::to_string(config)?);
+        self.record_pruning(|mut previous| {
+            previous[key] = record;
+            previous
+        })?;
+        self.to_bytes()
+    }
+
+    fn params(&self) -> usize {
+        self.tensors.values().map(|(_, v)| v.len()).sum()
+    }
+
     /// Replaces the pruning record in the header with `update(previous record or {})`.
     fn record_pruning(
         &mut self,
@@ -373,7 +394,7 @@ pub fn prune_head(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Hea
     let towers = head.tower_convs;
     let group = head.group_size();
     let macs_before = config.macs();
-    let params_before: usize = file.tensors.values().map(|(_, v)| v.len()).sum();
+    let params_before: usize = file.params();
     let widths_before: Vec<usize> = [head.pyramid_dim(), head.neck_dim()]
         .into_iter()
         .chain((0..towers).map(|i| head.tower_dim(i)))
@@ -483,16 +504,10 @@ pub fn prune_head(bytes: &[u8], origin: &str, keep: f64) -> Result<(Vec<u8>, Hea
         macs_before,
         macs_after: config.macs(),
         params_before,
-        params_after: file.tensors.values().map(|(_, v)| v.len()).sum(),
+        params_after: file.params(),
     };
-    file.metadata
-        .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
-    let record = serde_json::to_value(&report)?;
-    file.record_pruning(|mut previous| {
-        previous["head"] = record;
-        previous
-    })?;
-    Ok((file.to_bytes()?, report))
+    let bytes = file.finish_pruning(&config, "head", serde_json::to_value(&report)?)?;
+    Ok((bytes, report))
 }
 
 /// What attention-head pruning did, recorded in the package manifest (`pruning.attention`).
@@ -536,7 +551,7 @@ pub fn prune_attention(
     let mut config = file.config()?;
     let backbone = config.backbone.clone();
     let macs_before = config.macs();
-    let params_before: usize = file.tensors.values().map(|(_, v)| v.len()).sum();
+    let params_before: usize = file.params();
     let mut heads_before = vec![];
     let mut heads_after = vec![];
     let mut kept_all = vec![];
@@ -604,16 +619,10 @@ pub fn prune_attention(
         macs_before,
         macs_after: config.macs(),
         params_before,
-        params_after: file.tensors.values().map(|(_, v)| v.len()).sum(),
+        params_after: file.params(),
     };
-    file.metadata
-        .insert(CONFIG_KEY.into(), serde_json::to_string(&config)?);
-    let record = serde_json::to_value(&report)?;
-    file.record_pruning(|mut previous| {
-        previous["attention"] = record;
-        previous
-    })?;
-    Ok((file.to_bytes()?, report))
+    let bytes = file.finish_pruning(&config, "attention", serde_json::to_value(&report)?)?;
+    Ok((bytes, report))
 }
 
 /// One layer's sensitivity: output error with only that layer quantized.

@@ -86,14 +86,19 @@ fn zero_odd_head_channels(bytes: &[u8]) -> Vec<u8> {
     })
 }
 
-#[test]
-fn pruning_removes_channels_and_keeps_what_matters() {
+/// A nano detector's file with `zero` applied, a random input and the file's outputs on it.
+fn zeroed_nano(zero: fn(&[u8]) -> Vec<u8>) -> (Device, Vec<u8>, Tensor<4>, Vec<f32>) {
     let device = Device::flex();
-    let detector = nano(&device);
-    let bytes = zero_odd_channels(&detector.to_bytes().unwrap());
+    let bytes = zero(&nano(&device).to_bytes().unwrap());
     let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
     let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
     let expected = outputs(&original, &input);
+    (device, bytes, input, expected)
+}
+
+#[test]
+fn pruning_removes_channels_and_keeps_what_matters() {
+    let (device, bytes, input, expected) = zeroed_nano(zero_odd_channels);
 
     let (pruned, report) = trainer::compress::prune_keep(&bytes, "zeroed", 0.5).unwrap();
     assert_eq!(
@@ -122,12 +127,7 @@ fn pruning_removes_channels_and_keeps_what_matters() {
 
 #[test]
 fn head_pruning_removes_channels_and_keeps_what_matters() {
-    let device = Device::flex();
-    let detector = nano(&device);
-    let bytes = zero_odd_head_channels(&detector.to_bytes().unwrap());
-    let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
-    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
-    let expected = outputs(&original, &input);
+    let (device, bytes, input, expected) = zeroed_nano(zero_odd_head_channels);
 
     let (pruned, report) = trainer::compress::prune_head(&bytes, "zeroed", 0.5).unwrap();
     assert_eq!(report.widths_before, vec![64, 64, 64, 64]);
@@ -177,12 +177,7 @@ fn zero_odd_heads(bytes: &[u8]) -> Vec<u8> {
 
 #[test]
 fn attention_head_pruning_removes_heads_and_keeps_what_matters() {
-    let device = Device::flex();
-    let detector = nano(&device);
-    let bytes = zero_odd_heads(&detector.to_bytes().unwrap());
-    let original = Detector::from_bytes(bytes.clone(), "zeroed", &device).unwrap();
-    let input = Tensor::<4>::random([2, 3, 96, 96], Distribution::Default, &device);
-    let expected = outputs(&original, &input);
+    let (device, bytes, input, expected) = zeroed_nano(zero_odd_heads);
 
     let (pruned, report) = trainer::compress::prune_attention(&bytes, "zeroed", 0.5).unwrap();
     // nano: heads 1-2-2-4, one block per stage; a block keeps at least one head.
