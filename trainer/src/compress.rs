@@ -252,8 +252,8 @@ fn out_norms(w: &(Vec<usize>, Vec<f32>), bias: Option<&(Vec<usize>, Vec<f32>)>) 
         .collect()
 }
 
-/// Per input channel of a convolution weight `[out, in, kh, kw]`: squared L2 norm of the weights
-/// that read it.
+/// Per input channel of a convolution weight `[out, in, kh, kw]` (per column of a matrix
+/// `[rows, cols]`): squared L2 norm of the weights that read it.
 fn in_norms(w: &(Vec<usize>, Vec<f32>)) -> Vec<f64> {
     let (shape, v) = w;
     let (outs, ins) = (shape[0], shape[1]);
@@ -302,7 +302,8 @@ impl ModelFile {
         Ok(())
     }
 
-    /// Keeps the input channels `kept` of a convolution weight `[out, in, kh, kw]`.
+    /// Keeps the input channels `kept` of a convolution weight `[out, in, kh, kw]` (of a matrix
+    /// `[rows, cols]`: its columns `kept`).
     fn keep_inputs(&mut self, name: &str, kept: &[usize]) -> Result<()> {
         let (shape, v) = self.tensor(name)?.clone();
         let (outs, ins) = (shape[0], shape[1]);
@@ -314,23 +315,6 @@ impl ModelFile {
         let mut shape = shape;
         shape[1] = kept.len();
         self.tensors.insert(name.into(), (shape, values));
-        Ok(())
-    }
-
-    /// Keeps the columns `kept` of a matrix `[rows, cols]` (a Linear weight's outputs, a bias
-    /// table's heads).
-    fn keep_columns(&mut self, name: &str, kept: &[usize]) -> Result<()> {
-        let (shape, v) = self.tensor(name)?.clone();
-        if shape.len() != 2 {
-            bail!("`{name}`: {shape:?} is not a matrix");
-        }
-        let cols = shape[1];
-        let values = (0..shape[0])
-            .flat_map(|r| kept.iter().map(move |&j| r * cols + j))
-            .map(|at| v[at])
-            .collect();
-        self.tensors
-            .insert(name.into(), (vec![shape[0], kept.len()], values));
         Ok(())
     }
 
@@ -562,28 +546,22 @@ pub fn prune_attention(
             let heads = backbone.heads_of(stage, block);
             let target = ((heads as f64 * keep).round() as usize).clamp(1, heads);
             let prefix = format!("backbone.layers.{stage}.blocks.{block}.attn");
-            let qkv = file.tensor(&format!("{prefix}.qkv.weight"))?.clone(); // [C, 3 * inner]
-            let proj = file.tensor(&format!("{prefix}.proj.weight"))?.clone(); // [inner, C]
             let inner = heads * hd;
-            let (c, cols) = (qkv.0[0], qkv.0[1]);
-            if cols != 3 * inner || proj.0 != [inner, c] {
+            let qkv = file.tensor(&format!("{prefix}.qkv.weight"))?; // [C, 3 * inner]
+            let proj = file.tensor(&format!("{prefix}.proj.weight"))?; // [inner, C]
+            if qkv.0 != [proj.0[1], 3 * inner] || proj.0[0] != inner {
                 bail!(
                     "{origin}: `{prefix}`: qkv {:?} and proj {:?} do not fit {heads} heads of {hd}",
                     qkv.0,
                     proj.0
                 );
             }
+            let column_norms = in_norms(qkv); // per qkv output column
+            let row_norms = out_norms(proj, None); // per proj input row
             let importance: Vec<f64> = (0..heads)
                 .map(|h| {
-                    let v_cols = 2 * inner + h * hd..2 * inner + (h + 1) * hd;
-                    let v: f64 = (0..c)
-                        .flat_map(|i| v_cols.clone().map(move |j| i * cols + j))
-                        .map(|at| (qkv.1[at] as f64).powi(2))
-                        .sum();
-                    let p: f64 = proj.1[h * hd * c..(h + 1) * hd * c]
-                        .iter()
-                        .map(|&x| (x as f64).powi(2))
-                        .sum();
+                    let v: f64 = column_norms[2 * inner + h * hd..][..hd].iter().sum();
+                    let p: f64 = row_norms[h * hd..][..hd].iter().sum();
                     (v * p).sqrt()
                 })
                 .collect();
@@ -594,10 +572,10 @@ pub fn prune_attention(
                 .flat_map(|start| start..start + hd)
                 .collect();
             let rows: Vec<usize> = kept.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
-            file.keep_columns(&format!("{prefix}.qkv.weight"), &columns)?;
+            file.keep_inputs(&format!("{prefix}.qkv.weight"), &columns)?;
             file.keep_outputs(&format!("{prefix}.qkv.bias"), &columns)?;
             file.keep_outputs(&format!("{prefix}.proj.weight"), &rows)?;
-            file.keep_columns(&format!("{prefix}.relative_position_bias_table"), &kept)?;
+            file.keep_inputs(&format!("{prefix}.relative_position_bias_table"), &kept)?;
             before.push(heads);
             after.push(kept.len());
             kept_stage.push(kept);
