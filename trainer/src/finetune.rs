@@ -21,6 +21,7 @@ use crate::data::augment::AugmentConfig;
 use crate::data::loader::{epoch_order, stream_epoch};
 use crate::data::{self, Sample, voc};
 use crate::eval::{self, EvalReport};
+use crate::precision::{Precision, to_f32};
 
 /// Everything a fine-tuning run was started with; written to `RUN/config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +49,9 @@ pub struct FinetuneConfig {
     pub grad_clip: f32,
     /// Weigh each class's loss by (mean count / class count)^0.5.
     pub class_balance: bool,
+    /// Compute dtype of a training step (mixed precision); weights stay f32.
+    #[serde(default)]
+    pub precision: Precision,
     /// Evaluate on the validation split every this many epochs (and at the end).
     pub eval_every: usize,
     pub input_size: usize,
@@ -74,6 +78,7 @@ impl FinetuneConfig {
             batch_size: 8,
             lr: 5e-4,
             backbone_lr_scale: 1.0,
+            precision: Precision::F32,
             min_lr: 1e-5,
             warmup_epochs: 2.0,
             weight_decay: 0.05,
@@ -286,6 +291,7 @@ pub fn run(
         tracing::warn!("{w}");
     }
     let train = Arc::new(train);
+    config.precision.check(device)?;
     let train_device = device.clone().autodiff();
     // Initial weights (and burn's other random draws) follow the run's seed.
     train_device.seed(config.seed);
@@ -357,7 +363,12 @@ pub fn run(
                 TensorData::new(batch.pixels, [batch.count, 3, h, w]),
                 &train_device,
             );
-            let output = detector.model.forward(input);
+            // Under mixed precision the step computes with a bf16 copy of the f32 weights
+            // (the casts are recorded, so gradients reach the f32 parameters) and the loss in f32.
+            let compute = config.precision.compute_copy(&detector.model);
+            let mut output = compute.forward(config.precision.input(input));
+            output.cls_logits = to_f32(output.cls_logits);
+            output.box_ltrb = to_f32(output.box_ltrb);
             let loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
             let values: Vec<f32> = Tensor::cat(
                 vec![loss.total.clone(), loss.cls.clone(), loss.boxes.clone()],

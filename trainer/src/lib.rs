@@ -8,6 +8,7 @@ pub mod eval;
 pub mod finetune;
 pub mod from_edge;
 pub mod package;
+pub mod precision;
 pub mod progress;
 pub mod report;
 pub mod simclr;

@@ -16,6 +16,7 @@ use edge::detector::{Detector, NEU_CLASSES};
 use edge::device::DeviceChoice;
 use trainer::data::augment::AugmentConfig;
 use trainer::finetune::{self, FinetuneConfig};
+use trainer::precision::Precision;
 use trainer::report;
 use trainer::simclr::{self, PretrainConfig};
 
@@ -257,6 +258,10 @@ enum Command {
         input_size: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Compute dtype of a training step: bf16 = mixed precision (f32 weights and loss;
+        /// GPUs with bf16 arithmetic; refused where the device has none).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
         /// Stop after this many steps (quick checks).
         #[arg(long)]
         max_steps: Option<usize>,
@@ -326,6 +331,11 @@ enum Command {
         /// Re-weight the class loss by inverse square-root frequency (long-tailed label sets).
         #[arg(long)]
         class_balance: bool,
+        /// Compute dtype of a training step: bf16 runs forward and backward in bf16 with f32
+        /// weights, optimizer state, loss and checkpoints (mixed precision; GPUs with bf16
+        /// arithmetic, e.g. CUDA on Ampere or newer; refused where the device has none).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
         /// Evaluate on the validation split every N epochs (and at the end).
         #[arg(long, default_value_t = 5)]
         eval_every: usize,
@@ -609,10 +619,12 @@ fn main() -> Result<()> {
             temperature,
             input_size,
             seed,
+            precision,
             max_steps,
             resume,
         } => {
             let mut config = PretrainConfig::new(data);
+            config.precision = precision;
             config.backbone = swin_size(&size)?;
             config.flat = unlabeled;
             config.epochs = epochs;
@@ -657,6 +669,7 @@ fn main() -> Result<()> {
             weight_decay,
             grad_clip,
             class_balance,
+            precision,
             eval_every,
             input_size,
             no_augment,
@@ -707,6 +720,7 @@ fn main() -> Result<()> {
             config.weight_decay = weight_decay;
             config.grad_clip = grad_clip;
             config.class_balance = class_balance;
+            config.precision = precision;
             config.eval_every = eval_every;
             config.input_size = input_size;
             config.max_steps = max_steps;

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::{epoch_order, make_batch};
 use crate::data::{self, Sample, voc};
+use crate::precision::{Precision, to_f32};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PretrainConfig {
@@ -47,6 +48,9 @@ pub struct PretrainConfig {
     pub max_steps: Option<usize>,
     pub backbone: SwinConfig,
     pub augment: AugmentConfig,
+    /// Compute dtype of a training step (mixed precision); weights stay f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl PretrainConfig {
@@ -68,6 +72,7 @@ impl PretrainConfig {
             max_steps: None,
             backbone: SwinConfig::edge(),
             augment: Self::views(),
+            precision: Precision::F32,
         }
     }
 
@@ -315,6 +320,7 @@ pub fn run(
         .with_context(|| format!("reading images under {}", config.data.display()))?;
     let (train, val) = data::split(&dataset, config.val_fraction, config.split_seed);
     let train = Arc::new(train);
+    config.precision.check(device)?;
     let train_device = device.clone().autodiff();
     train_device.seed(config.seed);
     let mut model = SimclrModel::new(&config, &train_device);
@@ -384,7 +390,9 @@ pub fn run(
             pixels.extend_from_slice(&v2.pixels);
             let input =
                 Tensor::<4>::from_data(TensorData::new(pixels, [2 * n, 3, h, w]), &train_device);
-            let z = model.project(model.features(input));
+            // Mixed precision: a bf16 copy of the f32 weights computes, the loss is f32.
+            let compute = config.precision.compute_copy(&model);
+            let z = to_f32(compute.project(compute.features(config.precision.input(input))));
             let z1 = z.clone().narrow(0, 0, n);
             let z2 = z.narrow(0, n, n);
             let loss = nt_xent(z1, z2, config.temperature);

@@ -583,7 +583,8 @@ impl SwinBlock {
         }
         let keep = 1.0 - self.drop_path;
         let [b, _, _, _] = x.dims();
-        let mask = Tensor::<4>::random([b, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
+        let mask = Tensor::<4>::random([b, 1, 1, 1], Distribution::Bernoulli(keep), &x.device())
+            .cast(x.dtype()); // bf16 under mixed precision
         x * (mask / keep)
     }
 
@@ -605,8 +606,9 @@ impl SwinBlock {
         };
         let (hp, wp) = (h + pad_h, w + pad_w);
         let windows = window_partition(shifted, self.window); // [B*nW, N, C]
-        let mask =
-            (sh + sw > 0).then(|| shift_mask([hp, wp], self.window, self.shift, &windows.device()));
+        let mask = (sh + sw > 0).then(|| {
+            shift_mask([hp, wp], self.window, self.shift, &windows.device()).cast(windows.dtype())
+        });
         let attended = self.attn.forward(windows, b, mask); // [B*nW, N, C]
         let merged = window_reverse(attended, self.window, b, hp, wp); // [B, Hp, Wp, C]
         let merged = if pad_h + pad_w > 0 {
