@@ -730,18 +730,7 @@ fn main() -> Result<()> {
             config.augment.mosaic = mosaic;
             config.augment.mixup = mixup;
             config.augment.copy_paste = copy_paste;
-            let stop = Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!(
-                    "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
-                );
-            })
-            .context("installing the Ctrl-C handler")?;
-            let outcome = finetune::run(&config, &out, &device, resume, stop)?;
+            let outcome = finetune::run(&config, &out, &device, resume, stop_flag()?)?;
             println!(
                 "{} after {} steps in {:.0} s ({:.2} train images/s){}",
                 if outcome.stopped { "stopped" } else { "done" },

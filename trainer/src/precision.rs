@@ -44,6 +44,13 @@ impl Precision {
                 self.dtype()
             );
         }
+        if self != Precision::F32 && *device == Device::flex() {
+            tracing::warn!(
+                "--precision {} on the CPU backend trains at about 0.6x the f32 rate (the CPU \
+                 converts every value); it pays on GPUs",
+                self.name()
+            );
+        }
         Ok(())
     }
 
