@@ -51,6 +51,7 @@ enum Command {
     Cameras,
     /// Print a model file's config and parameter count.
     Info {
+        /// A model file (SafeTensors) or a signed package (.edgepkg).
         #[arg(long)]
         model: PathBuf,
     },

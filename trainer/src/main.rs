@@ -42,6 +42,7 @@ struct BrokerArgs {
     /// Site: the first topic level under `edgeinsp/`.
     #[arg(long, default_value = "site1")]
     site: String,
+    /// User name on the broker (brokers that require a login).
     #[arg(long)]
     username: Option<String>,
     /// Password (or set MQTT_PASSWORD).
@@ -87,18 +88,22 @@ enum Command {
     /// Create an ed25519 signing key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub
     /// (put its contents in the edge config's models.trusted_keys).
     Keygen {
+        /// Folder for the two key files.
         #[arg(long)]
         out: PathBuf,
+        /// File name of the pair (NAME.key, NAME.pub).
         #[arg(long, default_value = "signing")]
         name: String,
     },
     /// Write an untrained detector (random weights), for pipeline tests and benchmarks.
     InitModel {
+        /// Model file to write (SafeTensors).
         #[arg(long)]
         out: PathBuf,
         /// Backbone size: nano (tests), edge (the product), tiny (Swin-T).
         #[arg(long, default_value = "edge")]
         size: String,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -129,6 +134,7 @@ enum Command {
         /// Detections scoring at least this are part of the golden expectations.
         #[arg(long, default_value_t = 0.3)]
         golden_min_score: f32,
+        /// Package file to write (.edgepkg).
         #[arg(long)]
         out: PathBuf,
     },
@@ -170,14 +176,17 @@ enum Command {
         /// stay FP32.
         #[arg(long, default_value_t = 0.003)]
         sensitivity: f64,
+        /// Seed of the fixed train/validation split (the one training used; default 42).
         #[arg(long, default_value_t = 42)]
         split_seed: u64,
+        /// Fraction of images per class held out for validation (as in training).
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
     },
     /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
     /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
     Publish {
+        /// The signed package to send (.edgepkg from `trainer package`).
         package: PathBuf,
         /// device:ID, group:NAME or fleet.
         #[arg(long)]
@@ -190,6 +199,8 @@ enum Command {
         /// Public key to check the package against before sending (recommended).
         #[arg(long)]
         verify_with: Option<PathBuf>,
+        /// Size of each package chunk on the wire, KiB (a device resumes at the first chunk it
+        /// misses).
         #[arg(long, default_value_t = 256)]
         chunk_kib: usize,
         /// Give up on devices that have not answered after this many seconds (per stage).
@@ -204,6 +215,7 @@ enum Command {
         /// Version to go back to (default: the newest kept one).
         #[arg(long)]
         version: Option<u64>,
+        /// Secret key from `trainer keygen` (devices accept commands signed by a trusted key).
         #[arg(long)]
         key: PathBuf,
         #[command(flatten)]
@@ -226,6 +238,7 @@ enum Command {
         /// needs to see clean steel.
         #[arg(long, default_value_t = 0)]
         clean: usize,
+        /// Seed of the procedural textures and defects (same seed, same images).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -244,18 +257,23 @@ enum Command {
         /// Backbone size: nano (tests, the demo), edge (the product), tiny (Swin-T).
         #[arg(long, default_value = "edge")]
         size: String,
+        /// Passes over the training images.
         #[arg(long, default_value_t = 100)]
         epochs: usize,
         /// Images per step (each gives two views).
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Peak learning rate (AdamW), after a warmup of two epochs; cosine decay to 0.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
         /// NT-Xent temperature.
         #[arg(long, default_value_t = 0.2)]
         temperature: f64,
+        /// Square input size in pixels of each view (112 is 4x cheaper than 224; the backbone
+        /// still initialises a 224-px detector).
         #[arg(long, default_value_t = 224)]
         input_size: usize,
+        /// Seed of the initial weights, shuffles and augmentations.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Compute dtype of a training step: bf16 = mixed precision (f32 weights and loss;
@@ -305,8 +323,10 @@ enum Command {
         /// Fraction of images held out for validation, per class.
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
+        /// Passes over the training images (k-shot: over the k images per class).
         #[arg(long, default_value_t = 60)]
         epochs: usize,
+        /// Images per optimizer step.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
         /// Peak learning rate (AdamW), reached after the warmup.
@@ -367,6 +387,7 @@ enum Command {
         /// Detector model file.
         #[arg(long)]
         model: PathBuf,
+        /// VOC / NEU-DET folder (images/ and annotations/).
         #[arg(long)]
         data: PathBuf,
         /// Report folder.
@@ -375,10 +396,13 @@ enum Command {
         /// Evaluate on every image instead of the validation split.
         #[arg(long)]
         all: bool,
+        /// Seed of the fixed train/validation split (the one training used; default 42).
         #[arg(long, default_value_t = 42)]
         split_seed: u64,
+        /// Fraction of images per class held out for validation (as in training).
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
+        /// Images per forward pass.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
