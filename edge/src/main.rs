@@ -176,3 +176,28 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--help` explains every flag and argument of every subcommand.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let command = super::Cli::command();
+        walk(&command, command.get_name(), &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+}
