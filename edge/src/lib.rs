@@ -1,5 +1,6 @@
 #[cfg(feature = "camera")]
 pub mod camera;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod detector;

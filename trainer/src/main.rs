@@ -939,20 +939,7 @@ mod tests {
     /// `--help` explains every flag and argument of every subcommand.
     #[test]
     fn every_flag_has_help() {
-        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for arg in command.get_arguments() {
-                let id = arg.get_id().as_str();
-                if id != "help" && id != "version" && arg.get_help().is_none() {
-                    missing.push(format!("{path} {id}"));
-                }
-            }
-            for sub in command.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
-            }
-        }
-        let mut missing = Vec::new();
-        let command = super::Cli::command();
-        walk(&command, command.get_name(), &mut missing);
+        let missing = edge::cli::undocumented_args(&super::Cli::command());
         assert!(missing.is_empty(), "flags without help: {missing:?}");
     }
 }

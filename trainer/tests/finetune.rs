@@ -8,6 +8,7 @@ use burn::prelude::*;
 use edge::detector::{NEU_CLASSES, SwinConfig};
 use trainer::data::augment::AugmentConfig;
 use trainer::finetune::{FinetuneConfig, run};
+use trainer::precision::Precision;
 
 fn small_config(data: &std::path::Path) -> FinetuneConfig {
     let mut config = FinetuneConfig::new(data.to_path_buf());
@@ -61,6 +62,18 @@ fn assert_same_losses(
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One fine-tuning run to its end (no Ctrl-C), into `out`.
+fn train_to_end(config: &FinetuneConfig, out: &std::path::Path) {
+    run(
+        config,
+        out,
+        &Device::flex(),
+        false,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
 }
 
 fn losses(run_dir: &std::path::Path) -> Vec<(u64, f64)> {
@@ -419,11 +432,9 @@ fn largest_changes(before: &std::path::Path, after: &std::path::Path) -> (f32, f
     (backbone, rest)
 }
 
-/// `backbone_lr_scale` slows the backbone alone: from the same start, two AdamW steps move the
-/// backbone about scale x as far as an unscaled run does, and the neck and head as far.
-#[test]
-fn backbone_lr_scale_slows_the_backbone_only() {
-    let _serial = serial();
+/// A synthetic set (4 images per class, seed 2) and a saved nano detector at 96 px to
+/// start runs from: `(tempdir, data, start.safetensors)`.
+fn data_and_start() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
@@ -436,6 +447,15 @@ fn backbone_lr_scale_slows_the_backbone_only() {
         .unwrap()
         .save(&start)
         .unwrap();
+    (dir, data, start)
+}
+
+/// `backbone_lr_scale` slows the backbone alone: from the same start, two AdamW steps move the
+/// backbone about scale x as far as an unscaled run does, and the neck and head as far.
+#[test]
+fn backbone_lr_scale_slows_the_backbone_only() {
+    let _serial = serial();
+    let (dir, data, start) = data_and_start();
 
     let train = |scale: f64, name: &str| {
         let mut config = small_config(&data);
@@ -444,14 +464,7 @@ fn backbone_lr_scale_slows_the_backbone_only() {
         config.warmup_epochs = 0.0;
         config.backbone_lr_scale = scale;
         let out = dir.path().join(name);
-        run(
-            &config,
-            &out,
-            &Device::flex(),
-            false,
-            Arc::new(AtomicBool::new(false)),
-        )
-        .unwrap();
+        train_to_end(&config, &out);
         largest_changes(&start, &out.join("model.safetensors"))
     };
     let (backbone_full, head_full) = train(1.0, "full");
@@ -465,4 +478,52 @@ fn backbone_lr_scale_slows_the_backbone_only() {
         head_slow > 0.5 * head_full && head_slow < 2.0 * head_full,
         "head moved {head_slow} at scale 0.01, {head_full} at 1"
     );
+}
+
+/// Mixed precision: from the same weights, a bf16 run's losses follow the f32 run's, and what it
+/// saves is f32.
+#[test]
+fn bf16_training_follows_f32_and_saves_f32() {
+    let _serial = serial();
+    // Both runs start from the same weights (burn initialises parameters lazily, in the order
+    // they are first used, so a fresh model's draws depend on the first pass).
+    let (dir, data, start) = data_and_start();
+    let train = |precision: Precision| {
+        let mut config = small_config(&data);
+        config.init = Some(start.clone());
+        config.lr = 1e-3;
+        config.warmup_epochs = 0.0;
+        // Three steps: AdamW's first updates are nearly sign(gradient), so runs in any two
+        // precisions drift apart after a few steps; the first ones show whether bf16 computes
+        // the same step.
+        config.max_steps = Some(3);
+        config.precision = precision;
+        let out = dir.path().join(precision.name());
+        train_to_end(&config, &out);
+        out
+    };
+    let (f32_run, bf16_run) = (train(Precision::F32), train(Precision::Bf16));
+    let loss_values =
+        |run: &std::path::Path| -> Vec<f64> { losses(run).into_iter().map(|p| p.1).collect() };
+    let (a, b) = (loss_values(&f32_run), loss_values(&bf16_run));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 0.02 * x.abs(),
+            "step {}: f32 loss {x}, bf16 loss {y}\n{a:?}\n{b:?}",
+            step + 1
+        );
+    }
+    assert_ne!(a, b, "the bf16 run computed exactly like the f32 run");
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bf16_run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["precision"], "bf16");
+    let bytes = std::fs::read(bf16_run.join("model.safetensors")).unwrap();
+    let saved = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, view) in saved.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    edge::detector::Detector::load(bf16_run.join("model.safetensors"), &Device::flex()).unwrap();
 }
