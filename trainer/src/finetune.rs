@@ -286,12 +286,13 @@ pub fn run(
         write_json(&run_dir.join("config.json"), config)?;
         (config.clone(), RunState::default())
     };
+    // Before loading data: a device without the run's precision fails at once.
+    config.precision.check(device)?;
     let (train, val, warnings) = load_splits(&config, &classes)?;
     for w in warnings.iter().take(20) {
         tracing::warn!("{w}");
     }
     let train = Arc::new(train);
-    config.precision.check(device)?;
     let train_device = device.clone().autodiff();
     // Initial weights (and burn's other random draws) follow the run's seed.
     train_device.seed(config.seed);

@@ -315,12 +315,13 @@ pub fn run(
         )?;
         (config.clone(), PretrainState::default())
     };
+    // Before loading data: a device without the run's precision fails at once.
+    config.precision.check(device)?;
     // Only images are used: boxes and classes in the XML are not read by the loss.
     let dataset = voc::load_images_only(&config.data, config.flat, &classes)
         .with_context(|| format!("reading images under {}", config.data.display()))?;
     let (train, val) = data::split(&dataset, config.val_fraction, config.split_seed);
     let train = Arc::new(train);
-    config.precision.check(device)?;
     let train_device = device.clone().autodiff();
     train_device.seed(config.seed);
     let mut model = SimclrModel::new(&config, &train_device);
