@@ -43,6 +43,11 @@ pub struct FinetuneConfig {
     /// keeps a pretrained (SimCLR) backbone close to where it starts while a fresh head learns.
     #[serde(default = "unit")]
     pub backbone_lr_scale: f64,
+    /// Keep the backbone frozen (no gradients, no updates) for this many first epochs while the
+    /// neck and head warm up; the backward pass then stops at the neck, so those steps are cheaper.
+    /// At or above `epochs` the backbone never trains.
+    #[serde(default)]
+    pub freeze_backbone_epochs: usize,
     pub min_lr: f64,
     pub warmup_epochs: f64,
     pub weight_decay: f32,
@@ -78,6 +83,7 @@ impl FinetuneConfig {
             batch_size: 8,
             lr: 5e-4,
             backbone_lr_scale: 1.0,
+            freeze_backbone_epochs: 0,
             precision: Precision::F32,
             min_lr: 1e-5,
             warmup_epochs: 2.0,
@@ -340,6 +346,8 @@ pub fn run(
         run_dir.display()
     );
     'epochs: while state.epoch < config.epochs && state.step < total_steps {
+        let backbone_frozen = state.epoch < config.freeze_backbone_epochs;
+        detector.model.backbone = detector.model.backbone.set_require_grad(!backbone_frozen);
         let order = epoch_order(train.len(), config.seed, state.epoch);
         let stream = stream_epoch(
             train.clone(),
@@ -380,7 +388,7 @@ pub fn run(
             .unwrap_or_default();
             let lr = learning_rate(&config, state.step, total_steps, warmup_steps);
             let mut grads = loss.total.backward();
-            if config.backbone_lr_scale != 1.0 {
+            if config.backbone_lr_scale != 1.0 && !backbone_frozen {
                 // Taking the backbone's gradients out first leaves the neck's and head's; AdamW
                 // keeps its moments per parameter, so two steps on disjoint parts are one step.
                 let backbone = GradientsParams::from_module(&mut grads, &detector.model.backbone);

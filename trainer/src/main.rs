@@ -336,6 +336,10 @@ enum Command {
         /// keeps a pretrained backbone near its start while the fresh head learns.
         #[arg(long, default_value_t = 1.0)]
         backbone_lr_scale: f64,
+        /// Keep the backbone frozen for this many first epochs while the neck and head warm up
+        /// (those steps skip the backbone's backward pass); --epochs or more: never train it.
+        #[arg(long, default_value_t = 0)]
+        freeze_backbone_epochs: usize,
         /// Learning rate at the end of the cosine decay.
         #[arg(long, default_value_t = 1e-5)]
         min_lr: f64,
@@ -688,6 +692,7 @@ fn main() -> Result<()> {
             batch_size,
             lr,
             backbone_lr_scale,
+            freeze_backbone_epochs,
             min_lr,
             warmup_epochs,
             weight_decay,
@@ -739,6 +744,12 @@ fn main() -> Result<()> {
                 anyhow::bail!("--backbone-lr-scale {backbone_lr_scale}: give a factor > 0");
             }
             config.backbone_lr_scale = backbone_lr_scale;
+            config.freeze_backbone_epochs = freeze_backbone_epochs;
+            if freeze_backbone_epochs > 0 && config.init.is_none() {
+                tracing::warn!(
+                    "--freeze-backbone-epochs {freeze_backbone_epochs} without --init freezes a randomly initialised backbone"
+                );
+            }
             config.min_lr = min_lr;
             config.warmup_epochs = warmup_epochs;
             config.weight_decay = weight_decay;

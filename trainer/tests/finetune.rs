@@ -480,6 +480,39 @@ fn backbone_lr_scale_slows_the_backbone_only() {
     );
 }
 
+/// `freeze_backbone_epochs`: while frozen, the backbone does not move at all (no gradient, no
+/// weight decay) and the neck and head train; after the warm-up the backbone trains.
+#[test]
+fn a_frozen_backbone_stays_put_until_its_warm_up_ends() {
+    let _serial = serial();
+    let (dir, data, start) = data_and_start();
+
+    // 18 training images at batch 4: 4 steps an epoch; the first epoch is the frozen one.
+    let train = |steps: usize, name: &str| {
+        let mut config = small_config(&data);
+        config.init = Some(start.clone());
+        config.epochs = 2;
+        config.freeze_backbone_epochs = 1;
+        config.backbone_lr_scale = 0.5;
+        config.max_steps = Some(steps);
+        config.warmup_epochs = 0.0;
+        let out = dir.path().join(name);
+        train_to_end(&config, &out);
+        largest_changes(&start, &out.join("model.safetensors"))
+    };
+    let (backbone, head) = train(4, "warm-up");
+    assert_eq!(backbone, 0.0, "the frozen backbone moved");
+    assert!(
+        head > 1e-3,
+        "the head trains while the backbone is frozen: {head}"
+    );
+    let (backbone, _) = train(6, "after");
+    assert!(
+        backbone > 1e-4,
+        "the backbone trains after its warm-up: {backbone}"
+    );
+}
+
 /// Mixed precision: from the same weights, a bf16 run's losses follow the f32 run's, and what it
 /// saves is f32.
 #[test]
