@@ -450,6 +450,24 @@ fn data_and_start() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBu
     (dir, data, start)
 }
 
+/// Trains `steps` steps from `start` (no warmup, `adjust` applied to the small config) into
+/// `out` and returns [`largest_changes`] of its model against `start`.
+fn changes_after_steps(
+    data: &std::path::Path,
+    start: &std::path::Path,
+    out: &std::path::Path,
+    steps: usize,
+    adjust: impl Fn(&mut FinetuneConfig),
+) -> (f32, f32) {
+    let mut config = small_config(data);
+    config.init = Some(start.to_path_buf());
+    config.max_steps = Some(steps);
+    config.warmup_epochs = 0.0;
+    adjust(&mut config);
+    train_to_end(&config, out);
+    largest_changes(start, &out.join("model.safetensors"))
+}
+
 /// `backbone_lr_scale` slows the backbone alone: from the same start, two AdamW steps move the
 /// backbone about scale x as far as an unscaled run does, and the neck and head as far.
 #[test]
@@ -458,14 +476,9 @@ fn backbone_lr_scale_slows_the_backbone_only() {
     let (dir, data, start) = data_and_start();
 
     let train = |scale: f64, name: &str| {
-        let mut config = small_config(&data);
-        config.init = Some(start.clone());
-        config.max_steps = Some(2);
-        config.warmup_epochs = 0.0;
-        config.backbone_lr_scale = scale;
-        let out = dir.path().join(name);
-        train_to_end(&config, &out);
-        largest_changes(&start, &out.join("model.safetensors"))
+        changes_after_steps(&data, &start, &dir.path().join(name), 2, |config| {
+            config.backbone_lr_scale = scale;
+        })
     };
     let (backbone_full, head_full) = train(1.0, "full");
     let (backbone_slow, head_slow) = train(0.01, "slow");
@@ -489,16 +502,11 @@ fn a_frozen_backbone_stays_put_until_its_warm_up_ends() {
 
     // 18 training images at batch 4: 4 steps an epoch; the first epoch is the frozen one.
     let train = |steps: usize, name: &str| {
-        let mut config = small_config(&data);
-        config.init = Some(start.clone());
-        config.epochs = 2;
-        config.freeze_backbone_epochs = 1;
-        config.backbone_lr_scale = 0.5;
-        config.max_steps = Some(steps);
-        config.warmup_epochs = 0.0;
-        let out = dir.path().join(name);
-        train_to_end(&config, &out);
-        largest_changes(&start, &out.join("model.safetensors"))
+        changes_after_steps(&data, &start, &dir.path().join(name), steps, |config| {
+            config.epochs = 2;
+            config.freeze_backbone_epochs = 1;
+            config.backbone_lr_scale = 0.5;
+        })
     };
     let (backbone, head) = train(4, "warm-up");
     assert_eq!(backbone, 0.0, "the frozen backbone moved");
