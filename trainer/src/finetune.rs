@@ -347,7 +347,11 @@ pub fn run(
     );
     'epochs: while state.epoch < config.epochs && state.step < total_steps {
         let backbone_frozen = state.epoch < config.freeze_backbone_epochs;
-        detector.model.backbone = detector.model.backbone.set_require_grad(!backbone_frozen);
+        // Set per epoch (not once) so a resumed run gets the flag of the epoch it resumes in;
+        // runs without a warm-up leave the flags as the model has them.
+        if config.freeze_backbone_epochs > 0 {
+            detector.model.backbone = detector.model.backbone.set_require_grad(!backbone_frozen);
+        }
         let order = epoch_order(train.len(), config.seed, state.epoch);
         let stream = stream_epoch(
             train.clone(),
