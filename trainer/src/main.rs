@@ -338,6 +338,9 @@ enum Command {
         backbone_lr_scale: f64,
         /// Keep the backbone frozen for this many first epochs while the neck and head warm up
         /// (those steps skip the backbone's backward pass); --epochs or more: never train it.
+        /// With a SimCLR backbone as --init and few shots, frozen throughout (e.g. 1000) and
+        /// about 3x the steps a fully trained run could afford is the best CPU recipe measured
+        /// (README, few-shot results).
         #[arg(long, default_value_t = 0)]
         freeze_backbone_epochs: usize,
         /// Learning rate at the end of the cosine decay.
