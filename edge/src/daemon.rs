@@ -17,12 +17,12 @@ use protocol::{
 use rumqttc::{AsyncClient, LastWill, QoS};
 
 use crate::config::{EdgeConfig, SourceConfig};
-use crate::detector::Detector;
 use crate::models::{Installed, ModelStore};
 use crate::pipeline::{BoundedQueue, Decision, PipelineStats};
-use crate::selftest;
 use crate::source::{FolderSource, FrameSource, SourceError, SyntheticStrip};
 use crate::store::VerdictStore;
+use edge_detector::Detector;
+use edge_detector::golden;
 
 pub const EDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -221,7 +221,7 @@ impl Daemon {
                 .read(&active, &self.trusted)
                 .map_err(|e| e.to_string())
                 .and_then(|(manifest, package)| {
-                    selftest::load_and_check(
+                    golden::load_and_check(
                         &manifest,
                         package.weights,
                         &self.store.path_of(&active).display().to_string(),
@@ -695,7 +695,7 @@ impl Daemon {
         let device = self.device.clone();
         let manifest = t.manifest.clone();
         let checked = tokio::task::block_in_place(|| {
-            selftest::load_and_check(&manifest, package.weights, &origin, &device)
+            golden::load_and_check(&manifest, package.weights, &origin, &device)
         });
         match checked {
             Ok(detector) => {

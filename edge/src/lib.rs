@@ -1,17 +1,11 @@
 #[cfg(feature = "camera")]
 pub mod camera;
-pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod detector;
-pub mod device;
 pub mod http;
 pub mod labeling;
 pub mod models;
 pub mod pipeline;
 pub mod review;
-pub mod selftest;
 pub mod source;
 pub mod store;
-pub mod synth;
-pub mod voc;

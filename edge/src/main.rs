@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::{Parser, Subcommand};
-use edge::detector::{Detector, DetectorConfig, ImageView};
-use edge::device::DeviceChoice;
+use edge_detector::device::DeviceChoice;
+use edge_detector::{Detector, DetectorConfig, ImageView};
 
 #[derive(Parser)]
 #[command(
@@ -134,7 +134,7 @@ fn main() -> Result<()> {
                 );
                 bytes = package.weights;
             }
-            let quantization = edge::detector::quant::quantization_of(&bytes);
+            let quantization = edge_detector::quant::quantization_of(&bytes);
             let detector =
                 Detector::from_bytes(bytes.clone(), &model.display().to_string(), &device)?;
             println!("{}", serde_json::to_string_pretty(&detector.config)?);
@@ -184,7 +184,7 @@ mod tests {
     /// `--help` explains every flag and argument of every subcommand.
     #[test]
     fn every_flag_has_help() {
-        let missing = edge::cli::undocumented_args(&super::Cli::command());
+        let missing = edge_detector::cli::undocumented_args(&super::Cli::command());
         assert!(missing.is_empty(), "flags without help: {missing:?}");
     }
 }

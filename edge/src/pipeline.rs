@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use image::GrayImage;
 use serde::{Deserialize, Serialize};
 
-use crate::detector::{Detection, ImageView};
 use crate::source::Frame;
+use edge_detector::{Detection, ImageView};
 pub use protocol::Defect;
 
 /// What to do when the frame queue is full.

@@ -52,7 +52,7 @@ pub struct ReviewConfig {
 }
 
 fn default_classes() -> Vec<String> {
-    crate::detector::NEU_CLASSES
+    edge_detector::NEU_CLASSES
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -550,7 +550,7 @@ impl ReviewQueue {
                 .iter()
                 .map(|b| (b.class.as_str(), b.bbox))
                 .collect();
-            let xml = crate::voc::voc_xml(
+            let xml = edge_detector::voc::voc_xml(
                 &format!("{name}.jpg"),
                 item.width,
                 item.height,
@@ -605,11 +605,11 @@ fn append<W: Write>(
 /// map weighted by the score of what it explains (a tile where the model found nothing stays
 /// faint; the strongest tile wins in overlaps), drawn as a translucent PNG the size of the frame.
 pub fn heatmap_png(
-    detector: &crate::detector::Detector,
+    detector: &edge_detector::Detector,
     frame: &GrayImage,
     tile: usize,
     overlap: usize,
-) -> Result<Vec<u8>, crate::detector::DetectorError> {
+) -> Result<Vec<u8>, edge_detector::DetectorError> {
     let size = if tile > 0 {
         tile
     } else {
@@ -621,7 +621,7 @@ pub fn heatmap_png(
     for chunk in tiles.chunks(4) {
         let views: Vec<_> = chunk
             .iter()
-            .map(|(_, _, t)| crate::detector::ImageView::grey(t))
+            .map(|(_, _, t)| edge_detector::ImageView::grey(t))
             .collect();
         for ((x0, y0, _), map) in chunk.iter().zip(detector.saliency(&views)?) {
             for y in 0..map.height {

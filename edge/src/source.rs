@@ -10,9 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use edge_detector::synth::{DrawnDefect, Strip};
 use image::GrayImage;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 /// One frame for the pipeline.
 #[derive(Clone, Debug)]
@@ -234,15 +233,12 @@ impl FrameSource for FolderSource {
 /// clean steel or, with probability `defect_rate`, carries NEU-style defects of one class;
 /// rows come out in bursts through a [`LineScanAssembler`].
 pub struct SyntheticStrip {
-    tiles: usize,
+    strip: Strip,
     defect_rate: f64,
-    rng: StdRng,
     assembler: LineScanAssembler,
     pending: std::collections::VecDeque<Frame>,
-    /// Defects on the strip: (class, box in strip coordinates, y measured in lines).
-    truth: Vec<(usize, [f32; 4])>,
-    /// Strip lines generated so far.
-    generated: u64,
+    /// Defects on the strip that a future frame may still contain (strip coordinates).
+    truth: Vec<DrawnDefect>,
     pace: Pacer,
     limit: Option<u64>,
 }
@@ -259,45 +255,23 @@ impl SyntheticStrip {
         fps: f64,
         frames: Option<u64>,
     ) -> Result<Self, SourceError> {
-        let width = tiles * crate::synth::SIZE as usize;
+        let strip = Strip::new(tiles, defect_rate, seed);
         Ok(Self {
-            tiles: tiles.max(1),
+            assembler: LineScanAssembler::new(strip.width(), frame_height, overlap)?,
+            strip,
             defect_rate: defect_rate.clamp(0.0, 1.0),
-            rng: StdRng::seed_from_u64(seed),
-            assembler: LineScanAssembler::new(width, frame_height, overlap)?,
             pending: Default::default(),
             truth: vec![],
-            generated: 0,
             pace: Pacer::new(fps),
             limit: frames,
         })
     }
 
-    /// Generates one band of tiles (200 lines) and pushes it through the assembler.
+    /// Draws one band of the strip and pushes it through the assembler.
     fn band(&mut self) -> Result<(), SourceError> {
-        let size = crate::synth::SIZE as usize;
-        let width = self.tiles * size;
-        let mut rows = vec![0u8; width * size];
-        for t in 0..self.tiles {
-            let class = if self.rng.random_bool(self.defect_rate) {
-                self.rng.random_range(0..6)
-            } else {
-                usize::MAX
-            };
-            let (tile, defects) = crate::synth::generate(class, &mut self.rng);
-            for y in 0..size {
-                let src = &tile.as_raw()[y * size..(y + 1) * size];
-                rows[y * width + t * size..y * width + (t + 1) * size].copy_from_slice(src);
-            }
-            for d in defects {
-                let [x1, y1, x2, y2] = d.bbox;
-                let (ox, oy) = ((t * size) as f32, self.generated as f32);
-                self.truth
-                    .push((d.class_id, [x1 + ox, y1 + oy, x2 + ox, y2 + oy]));
-            }
-        }
-        self.generated += size as u64;
-        for mut frame in self.assembler.push(&rows)? {
+        let band = self.strip.next_band();
+        self.truth.extend(band.defects);
+        for mut frame in self.assembler.push(&band.pixels)? {
             frame.origin = "synthetic strip".into();
             let (top, bottom) = (
                 frame.line as f32,
@@ -306,10 +280,11 @@ impl SyntheticStrip {
             frame.truth = self
                 .truth
                 .iter()
-                .filter(|(_, b)| b[1] < bottom && b[3] > top)
-                .map(|&(c, b)| {
+                .filter(|d| d.within_lines(top, bottom))
+                .map(|d| {
+                    let b = d.bbox;
                     (
-                        c,
+                        d.class_id,
                         [
                             b[0],
                             (b[1] - top).max(0.0),
@@ -322,10 +297,9 @@ impl SyntheticStrip {
             self.pending.push_back(frame);
         }
         // Forget defects that no future frame can contain.
-        let keep_from = self
-            .generated
-            .saturating_sub(2 * self.assembler.height as u64) as f32;
-        self.truth.retain(|(_, b)| b[3] > keep_from);
+        let drawn = band.top + edge_detector::synth::SIZE as u64;
+        let keep_from = drawn.saturating_sub(2 * self.assembler.height as u64) as f32;
+        self.truth.retain(|d| d.bbox[3] > keep_from);
         Ok(())
     }
 }
@@ -350,7 +324,7 @@ impl FrameSource for SyntheticStrip {
     fn describe(&self) -> String {
         format!(
             "synthetic strip {} px wide, defect rate {}",
-            self.tiles * crate::synth::SIZE as usize,
+            self.strip.width(),
             self.defect_rate
         )
     }

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use burn::prelude::*;
-use edge::detector::{Detector, DetectorConfig, HeadConfig, SwinConfig};
+use edge_detector::{Detector, DetectorConfig, HeadConfig, SwinConfig};
 
 fn small_model(dir: &std::path::Path) -> std::path::PathBuf {
     let mut config = DetectorConfig::edge_neu();
@@ -69,7 +69,7 @@ fn detect_prints_one_json_line_per_image() {
             b[0] >= 0.0 && b[2] <= 50.0 && b[1] >= 0.0 && b[3] <= 70.0,
             "box inside the 50x70 image: {b:?}"
         );
-        assert!(edge::detector::NEU_CLASSES.contains(&d["class"].as_str().unwrap()));
+        assert!(edge_detector::NEU_CLASSES.contains(&d["class"].as_str().unwrap()));
     }
 }
 

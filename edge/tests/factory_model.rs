@@ -32,20 +32,20 @@ fn shipped_factory_package_verifies_and_self_tests() {
         manifest.metrics
     );
     assert!(package.weights.len() < 6 << 20, "a few MB");
-    let detector = edge::selftest::load_and_check(
+    let detector = edge_detector::golden::load_and_check(
         &manifest,
         package.weights.clone(),
         "neu-edge.edgepkg",
         &Device::flex(),
     )
     .unwrap();
-    assert_eq!(detector.config.classes, edge::detector::NEU_CLASSES);
+    assert_eq!(detector.config.classes, edge_detector::NEU_CLASSES);
 
     // Tools load the package directly (`edge detect --model`, `trainer eval --model`).
     let direct =
-        edge::detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
+        edge_detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
     assert_eq!(direct.config, detector.config);
-    let e = edge::detector::Detector::load(models.join("release.pub"), &Device::flex())
+    let e = edge_detector::Detector::load(models.join("release.pub"), &Device::flex())
         .unwrap_err()
         .to_string();
     assert!(e.contains("release.pub"), "{e}");
@@ -68,16 +68,16 @@ fn shipped_factory_package_verifies_and_self_tests() {
 }
 
 /// The factory model is INT8: on a CPU with AVX2 its Linear layers compute in INT8
-/// (`edge::detector::int8`). Their outputs stay within quantization error of the same weights
+/// (`edge_detector::int8`). Their outputs stay within quantization error of the same weights
 /// computed in float, and the detections the line sees are the same.
 #[test]
 fn int8_compute_matches_float_compute_on_the_factory_model() {
     let (models, package, _, manifest) = factory();
     let int8 =
-        edge::detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
+        edge_detector::Detector::load(models.join("neu-edge.edgepkg"), &Device::flex()).unwrap();
     let mut float = int8.clone();
     assert_eq!(float.model.backbone.use_int8(&|_| false), 0);
-    if !edge::detector::int8::Int8Linear::supported() {
+    if !edge_detector::int8::Int8Linear::supported() {
         eprintln!("no AVX2 on this CPU: both run in float");
         return;
     }
@@ -89,7 +89,7 @@ fn int8_compute_matches_float_compute_on_the_factory_model() {
     assert_eq!(check.model.backbone.use_int8(&|_| true), 4 * 8 + 3);
     assert_eq!(check.model.head.use_int8(&|_| true), 3 + 2 + 2 + 2);
     let quantized = package.weights.clone();
-    let (_, names) = edge::detector::quant::dequantize(quantized, "factory").unwrap();
+    let (_, names) = edge_detector::quant::dequantize(quantized, "factory").unwrap();
     assert_eq!(names.len(), 1 + 4 * 8 + 3 + 3 + 3 + 2 + 2 + 1, "{names:?}");
     assert!(!names.contains(&"head.reg_out.weight".to_string()));
 
@@ -99,7 +99,7 @@ fn int8_compute_matches_float_compute_on_the_factory_model() {
         let image = image::load_from_memory(&sample.image_bytes().unwrap())
             .unwrap()
             .into_rgb8();
-        let view = edge::detector::ImageView::rgb(&image);
+        let view = edge_detector::ImageView::rgb(&image);
         let (input, _) = int8.config.preprocess.batch(&[view], &int8.device).unwrap();
         let a = int8.model.forward(input.clone()).cls_logits;
         let b = float.model.forward(input).cls_logits;
@@ -117,8 +117,8 @@ fn int8_compute_matches_float_compute_on_the_factory_model() {
             sample.name
         );
         assert!(a != b, "{}: the INT8 path did not run", sample.name);
-        let top = |d: &edge::detector::Detector| {
-            d.detect(&[edge::detector::ImageView::rgb(&image)]).unwrap()[0]
+        let top = |d: &edge_detector::Detector| {
+            d.detect(&[edge_detector::ImageView::rgb(&image)]).unwrap()[0]
                 .iter()
                 .filter(|d| d.score >= 0.3)
                 .map(|d| d.class_id)

@@ -5,12 +5,14 @@
 //! - [`messages`]: every payload, versioned; decoders refuse unknown versions and malformed
 //!   bytes with an error, never a panic;
 //! - [`package`]: the signed model package (manifest + ed25519 signature + weights) and keys;
-//! - [`mqtt`]: broker settings (TLS with client certificates, credentials) shared by both sides;
-//! - [`rollout`]: the publisher — offer, chunks, missing-chunk repair, canary groups.
+//! - [`mqtt`] (feature `mqtt`, default): broker settings (TLS with client certificates, credentials) shared by both sides;
+//! - [`rollout`] (feature `mqtt`): the publisher — offer, chunks, missing-chunk repair, canary groups.
 
 pub mod messages;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod package;
+#[cfg(feature = "mqtt")]
 pub mod rollout;
 pub mod topics;
 

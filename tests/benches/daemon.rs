@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use e2e::{Broker, Edge, Watcher, edge_config, free_port, run_ok};
-use edge::detector::{Detector, ImageView};
 use edge::source::now_ms;
+use edge_detector::{Detector, ImageView};
 use protocol::Verdict;
 use rand::SeedableRng;
 
@@ -35,7 +35,7 @@ fn env_f64(name: &str, default: f64) -> f64 {
 /// A grey frame of synthetic steel with NEU-style defects.
 fn frame(width: u32, height: u32, rng: &mut rand::rngs::StdRng) -> image::GrayImage {
     use rand::RngExt;
-    let size = edge::synth::SIZE;
+    let size = edge_detector::synth::SIZE;
     let mut out = image::GrayImage::new(width, height);
     for ty in 0..height.div_ceil(size) {
         for tx in 0..width.div_ceil(size) {
@@ -44,7 +44,7 @@ fn frame(width: u32, height: u32, rng: &mut rand::rngs::StdRng) -> image::GrayIm
             } else {
                 usize::MAX
             };
-            let (tile, _) = edge::synth::generate(class, rng);
+            let (tile, _) = edge_detector::synth::generate(class, rng);
             image::imageops::replace(&mut out, &tile, (tx * size) as i64, (ty * size) as i64);
         }
     }
@@ -213,7 +213,7 @@ fn main() {
     );
 
     // Reference: the detector alone on batches of 8 tiles.
-    let device = edge::device::DeviceChoice::Flex.device().unwrap();
+    let device = edge_detector::device::DeviceChoice::Flex.device().unwrap();
     let detector = Detector::load(Path::new(&model), &device).expect("model loads");
     let tiles: Vec<image::GrayImage> = (0..8)
         .map(|i| {

@@ -383,7 +383,7 @@ fn synthetic_strip_verdicts_match_its_ground_truth() {
                             d.bbox[2].min(t[2]),
                             d.bbox[3].min(t[3]),
                         ];
-                        edge::detector::nms::box_iou(d.bbox, *t) >= 0.3
+                        edge_detector::nms::box_iou(d.bbox, *t) >= 0.3
                             || (t[0] <= cx && cx <= t[2] && t[1] <= cy && cy <= t[3])
                             || (area(&inter) >= 0.5 * area(t) && area(&d.bbox) <= 20_000.0)
                     })

@@ -16,7 +16,7 @@
 //! about a third of a pruned edge model's multiply-adds: pyramid and neck channels, and the
 //! towers' channels in whole GroupNorm groups (see the function for the criterion).
 //!
-//! INT8: every Linear and convolution weight (`edge::detector::quant`), except the layers the
+//! INT8: every Linear and convolution weight (`edge_detector::quant`), except the layers the
 //! sensitivity scan finds costly: each candidate is quantized alone and the detector's outputs on
 //! calibration images are compared with the FP32 outputs (relative L2 error of the class logits
 //! and box distances); layers above the threshold stay F32.
@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use edge::detector::quant::{self, channel_axis, dequantize_weights, f32_values, quantize_weights};
-use edge::detector::{CONFIG_KEY, Detector, DetectorConfig, PRUNING_KEY};
+use edge_detector::quant::{self, channel_axis, dequantize_weights, f32_values, quantize_weights};
+use edge_detector::{CONFIG_KEY, Detector, DetectorConfig, PRUNING_KEY};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 

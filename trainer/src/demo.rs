@@ -557,20 +557,30 @@ pass_rate = 0.05
     std::thread::sleep(Duration::from_millis(500));
 
     // Summary, checked against the strip's ground truth.
-    let last = seen
-        .lock()
-        .expect("lock")
-        .values()
-        .map(|v| v.frame)
+    // The strip is redrawn from its seed; a frame is defective when a defect reaches into the
+    // strip lines its verdict says it covers.
+    let verdicts: Vec<Verdict> = seen.lock().expect("lock").values().cloned().collect();
+    let end = verdicts
+        .iter()
+        .map(|v| v.line + v.height as u64)
         .max()
         .unwrap_or(0);
-    let mut strip =
-        edge::source::SyntheticStrip::new(tiles, height, 0, rate, seed, 0.0, Some(last + 1))?;
-    let mut truth = BTreeMap::new();
-    while let Some(frame) = edge::source::FrameSource::next_frame(&mut strip)? {
-        truth.insert(frame.seq, !frame.truth.is_empty());
+    let mut strip = edge_detector::synth::Strip::new(tiles, rate, seed);
+    let mut defects = Vec::new();
+    loop {
+        let band = strip.next_band();
+        if band.top >= end {
+            break;
+        }
+        defects.extend(band.defects);
     }
-    let verdicts: Vec<Verdict> = seen.lock().expect("lock").values().cloned().collect();
+    let truth: BTreeMap<u64, bool> = verdicts
+        .iter()
+        .map(|v| {
+            let (top, bottom) = (v.line as f32, (v.line + v.height as u64) as f32);
+            (v.frame, defects.iter().any(|d| d.within_lines(top, bottom)))
+        })
+        .collect();
     let mut by_version: BTreeMap<u64, (usize, usize, usize, Vec<f64>)> = BTreeMap::new();
     for v in &verdicts {
         let ver = v.model.as_ref().map_or(0, |m| m.1);

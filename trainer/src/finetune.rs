@@ -13,13 +13,14 @@ use anyhow::{Context, Result, bail};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
-use edge::detector::loss::{LossConfig, detection_loss};
-use edge::detector::{Detector, DetectorConfig, NEU_CLASSES, SwinConfig};
+use edge_detector::loss::{LossConfig, detection_loss};
+use edge_detector::{Detector, DetectorConfig, NEU_CLASSES, SwinConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::{epoch_order, stream_epoch};
 use crate::data::{self, Sample, voc};
+use crate::ema::WeightAverage;
 use crate::eval::{self, EvalReport};
 use crate::precision::{Precision, to_f32};
 
@@ -63,6 +64,10 @@ pub struct FinetuneConfig {
     pub augment: AugmentConfig,
     /// Stop after this many optimizer steps (smoke tests); None: run all epochs.
     pub max_steps: Option<usize>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.9995),
+    /// evaluated beside the raw weights; the run's model is then the average.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
     pub backbone: SwinConfig,
 }
 
@@ -94,6 +99,7 @@ impl FinetuneConfig {
             input_size: 224,
             augment: AugmentConfig::default(),
             max_steps: None,
+            ema_decay: None,
             backbone: SwinConfig::edge(),
         }
     }
@@ -231,7 +237,7 @@ fn initial_detector(
             }
             Ok(detector)
         }
-        Err(edge::detector::DetectorError::BadWeights { reason, .. })
+        Err(edge_detector::DetectorError::BadWeights { reason, .. })
             if reason.contains("detector_config") =>
         {
             // Not a detector file: a backbone checkpoint in timm's names (SimCLR writes these).
@@ -313,6 +319,16 @@ pub fn run(
             initial_detector(&config, classes.clone(), &train_device)?,
             optim,
         )
+    };
+    // The weight average starts from the initial weights (or the checkpoint's average).
+    let schedule = config.ema_decay.map(WeightAverage::new);
+    let mut average = match schedule {
+        None => None,
+        Some(_) if resuming && checkpoint_dir.join("ema.safetensors").exists() => Some(
+            Detector::load(checkpoint_dir.join("ema.safetensors"), device)
+                .context("loading the checkpoint's weight average")?,
+        ),
+        Some(_) => Some(detector.valid()),
     };
     let mut loss_config = LossConfig::new();
     if config.class_balance {
@@ -401,6 +417,10 @@ pub fn run(
             }
             let rest = GradientsParams::from_module(&mut grads, &detector.model);
             detector.model = optim.step(lr, detector.model, rest);
+            if let (Some(schedule), Some(average)) = (schedule, average.as_mut()) {
+                average.model =
+                    schedule.update(average.model.clone(), &detector.model, state.step + 1);
+            }
             let seconds = step_started.elapsed().as_secs_f64();
             train_seconds += seconds;
             trained_images += batch.count;
@@ -439,19 +459,42 @@ pub fn run(
         }
         let last = state.epoch >= config.epochs || state.step >= total_steps;
         if ((epoch_done && state.epoch % config.eval_every.max(1) == 0) || last) && !stopped {
-            let mut eval_detector = detector.valid();
-            eval_detector.config.score_threshold = 0.01;
-            let report = evaluate_samples(&eval_detector, &val, config.batch_size)?;
+            let mut raw_detector = detector.valid();
+            raw_detector.config.score_threshold = 0.01;
+            let raw_report = evaluate_samples(&raw_detector, &val, config.batch_size)?;
             tracing::info!(
-                "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}",
+                "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}{}",
                 state.epoch,
-                report.map50,
-                report.map50_95
+                raw_report.map50,
+                raw_report.map50_95,
+                if average.is_some() {
+                    " (raw weights)"
+                } else {
+                    ""
+                }
             );
+            // With a weight average, the average is the run's model; the raw weights' scores
+            // are kept beside it.
+            let (mut eval_detector, report, raw) = match &average {
+                Some(average) => {
+                    let mut eval_detector = average.clone();
+                    eval_detector.config.score_threshold = 0.01;
+                    let report = evaluate_samples(&eval_detector, &val, config.batch_size)?;
+                    tracing::info!(
+                        "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4} (weight average)",
+                        state.epoch,
+                        report.map50,
+                        report.map50_95
+                    );
+                    (eval_detector, report, Some(raw_report))
+                }
+                None => (raw_detector, raw_report, None),
+            };
             writeln!(
                 metrics,
                 "{}",
-                serde_json::json!({"epoch": state.epoch, "step": state.step, "val_map50": report.map50, "val_map50_95": report.map50_95})
+                serde_json::json!({"epoch": state.epoch, "step": state.step, "val_map50": report.map50, "val_map50_95": report.map50_95,
+                    "raw_val_map50": raw.as_ref().map(|r| r.map50), "raw_val_map50_95": raw.as_ref().map(|r| r.map50_95)})
             )?;
             if state.best_map50.is_none_or(|b| report.map50 > b) {
                 state.best_map50 = Some(report.map50);
@@ -461,7 +504,7 @@ pub fn run(
             last_report = Some(report);
         }
         state.finished = last && !stopped;
-        save_checkpoint(&detector, &optim, &state, &checkpoint_dir)?;
+        save_checkpoint(&detector, average.as_ref(), &optim, &state, &checkpoint_dir)?;
         if stopped {
             tracing::info!(
                 "stopped at epoch {} batch {}: resume with --resume",
@@ -472,7 +515,13 @@ pub fn run(
         }
     }
     let model_out = run_dir.join("model.safetensors");
-    detector.valid().save(&model_out)?;
+    match &average {
+        Some(average) => {
+            average.save(&model_out)?;
+            detector.valid().save(run_dir.join("raw.safetensors"))?;
+        }
+        None => detector.valid().save(&model_out)?,
+    }
     Ok(RunOutcome {
         state,
         last_report,
@@ -515,6 +564,7 @@ pub fn load_checkpoint(
 
 fn save_checkpoint(
     detector: &Detector,
+    average: Option<&Detector>,
     optim: &burn::optim::ModuleOptimizer,
     state: &RunState,
     dir: &Path,
@@ -522,6 +572,11 @@ fn save_checkpoint(
     // Each file is replaced atomically, state last: a crash in between resumes the newer
     // weights at the older position (repeating at most the batches since it was written).
     detector.valid().save(dir.join("model.safetensors"))?;
+    if let Some(average) = average {
+        let tmp = dir.join("ema.tmp.safetensors");
+        average.save(&tmp)?;
+        std::fs::rename(&tmp, dir.join("ema.safetensors"))?;
+    }
     let record_tmp = dir.join("model.tmp.bpk");
     let _ = std::fs::remove_file(&record_tmp);
     detector

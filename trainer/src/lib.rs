@@ -4,6 +4,7 @@
 pub mod compress;
 pub mod data;
 pub mod demo;
+pub mod ema;
 pub mod eval;
 pub mod finetune;
 pub mod from_edge;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use edge::detector::{Detector, NEU_CLASSES};
-use edge::device::DeviceChoice;
+use edge_detector::device::DeviceChoice;
+use edge_detector::{Detector, NEU_CLASSES};
 use trainer::data::augment::AugmentConfig;
 use trainer::finetune::{self, FinetuneConfig};
 use trainer::precision::Precision;
@@ -381,6 +381,19 @@ enum Command {
         /// Probability of pasting defects cut from another image (copy-paste).
         #[arg(long, default_value_t = 0.0)]
         copy_paste: f64,
+        /// Probability of a random 90-degree rotation per training image (textures without a
+        /// preferred direction, e.g. steel).
+        #[arg(long, default_value_t = 0.0)]
+        rot90: f64,
+        /// Stochastic depth of the Swin blocks (rising linearly to this rate in the last block);
+        /// for long runs from scratch, e.g. 0.1. Applies to a new detector, not to --init.
+        #[arg(long, default_value_t = 0.0)]
+        drop_path: f64,
+        /// Keep an exponential moving average of the weights with this decay (e.g. 0.9995),
+        /// evaluated beside the raw weights each time; the run's model is then the average
+        /// (the raw weights go to raw.safetensors).
+        #[arg(long)]
+        ema_decay: Option<f64>,
         /// Stop after this many optimizer steps (quick checks).
         #[arg(long)]
         max_steps: Option<usize>,
@@ -445,8 +458,8 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 }
 
 /// `--size`: the Swin backbone sizes.
-fn swin_size(size: &str) -> Result<edge::detector::SwinConfig> {
-    use edge::detector::SwinConfig;
+fn swin_size(size: &str) -> Result<edge_detector::SwinConfig> {
+    use edge_detector::SwinConfig;
     Ok(match size {
         "nano" => SwinConfig::nano(),
         "edge" => SwinConfig::edge(),
@@ -480,7 +493,7 @@ fn main() -> Result<()> {
             );
         }
         Command::InitModel { out, size, seed } => {
-            use edge::detector::DetectorConfig;
+            use edge_detector::DetectorConfig;
             let mut config = DetectorConfig::edge_neu();
             config.backbone = swin_size(&size)?;
             device.seed(seed);
@@ -708,6 +721,9 @@ fn main() -> Result<()> {
             mosaic,
             mixup,
             copy_paste,
+            rot90,
+            drop_path,
+            ema_decay,
             max_steps,
             resume,
         } => {
@@ -768,6 +784,14 @@ fn main() -> Result<()> {
             config.augment.mosaic = mosaic;
             config.augment.mixup = mixup;
             config.augment.copy_paste = copy_paste;
+            config.augment.rot90 = rot90;
+            config.backbone.drop_path_rate = drop_path;
+            if let Some(d) = ema_decay
+                && !(0.0..1.0).contains(&d)
+            {
+                anyhow::bail!("--ema-decay {d}: give a decay in [0, 1), e.g. 0.9995");
+            }
+            config.ema_decay = ema_decay;
             let outcome = finetune::run(&config, &out, &device, resume, stop_flag()?)?;
             println!(
                 "{} after {} steps in {:.0} s ({:.2} train images/s){}",
@@ -953,7 +977,7 @@ mod tests {
     /// `--help` explains every flag and argument of every subcommand.
     #[test]
     fn every_flag_has_help() {
-        let missing = edge::cli::undocumented_args(&super::Cli::command());
+        let missing = edge_detector::cli::undocumented_args(&super::Cli::command());
         assert!(missing.is_empty(), "flags without help: {missing:?}");
     }
 }

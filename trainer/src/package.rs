@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use edge::detector::{Detector, ResizeMode};
+use edge_detector::{Detector, ResizeMode};
 use protocol::package::{
     GoldenSample, GoldenTolerance, InputSpec, MANIFEST_FORMAT, Manifest, Package, SigningKey,
     WeightsRef,
@@ -59,7 +59,7 @@ pub fn build(
         let image = image::load_from_memory(&bytes)
             .with_context(|| format!("{}: not an image", path.display()))?
             .into_rgb8();
-        let expected = edge::selftest::expectations(&detector, &image, &spec.tolerance)
+        let expected = edge_detector::golden::expectations(&detector, &image, &spec.tolerance)
             .map_err(anyhow::Error::msg)?;
         golden.push(GoldenSample {
             name: path
@@ -90,13 +90,13 @@ pub fn build(
             .into(),
         },
         // What `trainer compress` recorded in the model file's header.
-        quantization: edge::detector::quant::quantization_of(&weights),
+        quantization: edge_detector::quant::quantization_of(&weights),
         pruning: safetensors::SafeTensors::read_metadata(&weights)
             .ok()
             .and_then(|(_, h)| {
                 h.metadata()
                     .as_ref()?
-                    .get(edge::detector::PRUNING_KEY)
+                    .get(edge_detector::PRUNING_KEY)
                     .cloned()
             })
             .and_then(|json| serde_json::from_str(&json).ok()),

@@ -20,7 +20,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::activation::{log_softmax, relu};
-use edge::detector::{NEU_CLASSES, Preprocess, SwinConfig, SwinTransformer};
+use edge_detector::{NEU_CLASSES, Preprocess, SwinConfig, SwinTransformer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::AugmentConfig;

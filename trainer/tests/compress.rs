@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use edge::detector::{Detector, DetectorConfig, SwinConfig};
+use edge_detector::{Detector, DetectorConfig, SwinConfig};
 use safetensors::SafeTensors;
 
 fn nano(device: &Device) -> Detector {
@@ -215,11 +215,11 @@ fn attention_head_pruning_removes_heads_and_keeps_what_matters() {
     small
         .model
         .backbone
-        .set_attention_impl(edge::detector::AttentionImpl::Explicit);
+        .set_attention_impl(edge_detector::AttentionImpl::Explicit);
     let diff = max_abs_diff(&outputs(&small, &input), &expected);
     assert!(diff < 1e-4, "pruned outputs (explicit) moved by {diff}");
     // INT8 of the narrower qkv/proj loads and runs through the INT8 kernel.
-    let (int8, _) = edge::detector::quant::quantize(&pruned, "pruned", &|_| false).unwrap();
+    let (int8, _) = edge_detector::quant::quantize(&pruned, "pruned", &|_| false).unwrap();
     let int8 = Detector::from_bytes(int8, "pruned int8", &device).unwrap();
     let rel = {
         let got = outputs(&int8, &input);
@@ -263,14 +263,13 @@ fn int8_files_are_smaller_load_here_and_stay_close() {
     let expected = outputs(&detector, &input);
 
     let (q, report) =
-        edge::detector::quant::quantize(&bytes, "m", &|n: &str| n == "head.reg_out.weight")
-            .unwrap();
+        edge_detector::quant::quantize(&bytes, "m", &|n: &str| n == "head.reg_out.weight").unwrap();
     assert_eq!(report.kept, vec!["head.reg_out.weight".to_string()]);
     assert!(report.quantized.len() > 40);
     let ratio = bytes.len() as f64 / q.len() as f64;
     assert!(ratio > 3.5, "only {ratio:.2}x smaller");
     assert_eq!(
-        edge::detector::quant::quantization_of(&q),
+        edge_detector::quant::quantization_of(&q),
         "int8-per-channel"
     );
     let loaded = Detector::from_bytes(q.clone(), "int8", &device).unwrap();
@@ -285,7 +284,7 @@ fn int8_files_are_smaller_load_here_and_stay_close() {
     assert!(rel > 0.0 && rel < 0.02, "relative output error {rel}");
 
     // Quantizing twice, or pruning a quantized file, is refused by name.
-    let e = edge::detector::quant::quantize(&q, "q.safetensors", &|_: &str| false)
+    let e = edge_detector::quant::quantize(&q, "q.safetensors", &|_: &str| false)
         .unwrap_err()
         .to_string();
     assert!(

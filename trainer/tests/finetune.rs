@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use burn::prelude::*;
-use edge::detector::{NEU_CLASSES, SwinConfig};
+use edge_detector::{NEU_CLASSES, SwinConfig};
 use trainer::data::augment::AugmentConfig;
 use trainer::finetune::{FinetuneConfig, run};
 use trainer::precision::Precision;
@@ -279,9 +279,9 @@ fn every_parameter_of_a_new_model_is_trained() {
         }
     }
     let device = Device::flex().autodiff();
-    let mut config = edge::detector::DetectorConfig::edge_neu();
+    let mut config = edge_detector::DetectorConfig::edge_neu();
     config.backbone = SwinConfig::nano();
-    let detector = edge::detector::Detector::new(config, &device).unwrap();
+    let detector = edge_detector::Detector::new(config, &device).unwrap();
     let mut frozen = Frozen(0, 0);
     burn::module::Module::visit(&detector.model, &mut frozen);
     assert!(frozen.0 > 50);
@@ -439,11 +439,11 @@ fn data_and_start() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBu
     let data = dir.path().join("data");
     let classes: Vec<String> = NEU_CLASSES.iter().map(|s| s.to_string()).collect();
     trainer::data::synth::write_dataset(&data, &classes, 4, 0, 2).unwrap();
-    let mut detector_config = edge::detector::DetectorConfig::edge_neu();
+    let mut detector_config = edge_detector::DetectorConfig::edge_neu();
     detector_config.backbone = SwinConfig::nano().with_img_size([96, 96]);
     detector_config.preprocess.input_size = [96, 96];
     let start = dir.path().join("start.safetensors");
-    edge::detector::Detector::new(detector_config, &Device::flex())
+    edge_detector::Detector::new(detector_config, &Device::flex())
         .unwrap()
         .save(&start)
         .unwrap();
@@ -566,5 +566,5 @@ fn bf16_training_follows_f32_and_saves_f32() {
     for (name, view) in saved.tensors() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
     }
-    edge::detector::Detector::load(bf16_run.join("model.safetensors"), &Device::flex()).unwrap();
+    edge_detector::Detector::load(bf16_run.join("model.safetensors"), &Device::flex()).unwrap();
 }

@@ -15,7 +15,7 @@ fn loads_every_real_neu_det_file() {
         "NEU_DET_DIR={} has no images/ folder",
         dir.display()
     );
-    let classes: Vec<String> = edge::detector::NEU_CLASSES
+    let classes: Vec<String> = edge_detector::NEU_CLASSES
         .iter()
         .map(|s| s.to_string())
         .collect();

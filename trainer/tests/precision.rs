@@ -4,7 +4,7 @@
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
-use edge::detector::{Detector, DetectorConfig, SwinConfig};
+use edge_detector::{Detector, DetectorConfig, SwinConfig};
 use trainer::precision::{Precision, to_f32};
 
 fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
-use edge::detector::loss::GtBox;
-use edge::detector::{ImageView, InverseTransform, Preprocess};
+use edge_detector::loss::GtBox;
+use edge_detector::{ImageView, InverseTransform, Preprocess};
 use image::DynamicImage;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -1,5 +1,5 @@
 //! Synthetic NEU-DET-style data written as JPEG + VOC XML in the NEU-DET layout: what a fresh
-//! clone's tests and demo train on. The drawing itself is `edge::synth` (the daemon's synthetic
+//! clone's tests and demo train on. The drawing itself is `edge_detector::synth` (the daemon's synthetic
 //! strip uses it too).
 
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::path::Path;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-pub use edge::synth::{DrawnDefect, SIZE, generate};
+pub use edge_detector::synth::{DrawnDefect, SIZE, generate};
 
 use super::voc::DataError;
 
@@ -49,7 +49,7 @@ pub fn write_dataset(
             let xml_path = annotations.join(format!("{stem}.xml"));
             std::fs::write(
                 &xml_path,
-                edge::voc::voc_xml(
+                edge_detector::voc::voc_xml(
                     &format!("{stem}.jpg"),
                     SIZE,
                     SIZE,
@@ -75,7 +75,7 @@ mod tests {
     #[test]
     fn written_set_loads_back_with_boxes_of_its_class() {
         let dir = tempfile::tempdir().unwrap();
-        let classes: Vec<String> = edge::detector::NEU_CLASSES
+        let classes: Vec<String> = edge_detector::NEU_CLASSES
             .iter()
             .map(|s| s.to_string())
             .collect();

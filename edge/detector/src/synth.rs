@@ -4,8 +4,8 @@
 //! strip with defects at known positions.
 
 use image::GrayImage;
-use rand::RngExt;
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 pub const SIZE: u32 = 200;
 
@@ -253,6 +253,85 @@ pub fn generate(class_id: usize, rng: &mut StdRng) -> (GrayImage, Vec<DrawnDefec
         .collect();
     let image = GrayImage::from_raw(SIZE, SIZE, raw).expect("buffer matches size");
     (image, defects)
+}
+
+/// An endless synthetic steel strip, `tiles` NEU-size tiles (200 px) wide, drawn band by band
+/// (200 lines each): every tile of a band is clean steel or, with probability `defect_rate`,
+/// carries NEU-style defects of one class. The same seed draws the same strip, so a test or the
+/// demo can redraw the ground truth of what a daemon inspected.
+pub struct Strip {
+    tiles: usize,
+    defect_rate: f64,
+    rng: StdRng,
+    /// Lines drawn so far.
+    drawn: u64,
+}
+
+/// One band of a [`Strip`]: `SIZE` rows of `width` grey pixels starting at strip line `top`, and
+/// its defects in strip coordinates (x in pixels, y in lines from the start of the strip).
+pub struct Band {
+    pub top: u64,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+    pub defects: Vec<DrawnDefect>,
+}
+
+impl Strip {
+    pub fn new(tiles: usize, defect_rate: f64, seed: u64) -> Self {
+        Self {
+            tiles: tiles.max(1),
+            defect_rate: defect_rate.clamp(0.0, 1.0),
+            rng: StdRng::seed_from_u64(seed),
+            drawn: 0,
+        }
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.tiles * SIZE as usize
+    }
+
+    pub fn next_band(&mut self) -> Band {
+        let size = SIZE as usize;
+        let width = self.width();
+        let mut pixels = vec![0u8; width * size];
+        let mut defects = Vec::new();
+        for t in 0..self.tiles {
+            let class = if self.rng.random_bool(self.defect_rate) {
+                self.rng.random_range(0..6)
+            } else {
+                usize::MAX
+            };
+            let (tile, drawn) = generate(class, &mut self.rng);
+            for y in 0..size {
+                let src = &tile.as_raw()[y * size..(y + 1) * size];
+                pixels[y * width + t * size..y * width + (t + 1) * size].copy_from_slice(src);
+            }
+            let (ox, oy) = ((t * size) as f32, self.drawn as f32);
+            defects.extend(drawn.into_iter().map(|d| {
+                let [x1, y1, x2, y2] = d.bbox;
+                DrawnDefect {
+                    class_id: d.class_id,
+                    bbox: [x1 + ox, y1 + oy, x2 + ox, y2 + oy],
+                }
+            }));
+        }
+        let top = self.drawn;
+        self.drawn += size as u64;
+        Band {
+            top,
+            width,
+            pixels,
+            defects,
+        }
+    }
+}
+
+impl DrawnDefect {
+    /// Whether the defect reaches into strip lines `[top, bottom)`.
+    pub fn within_lines(&self, top: f32, bottom: f32) -> bool {
+        self.bbox[1] < bottom && self.bbox[3] > top
+    }
 }
 
 #[cfg(test)]

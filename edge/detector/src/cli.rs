@@ -1,4 +1,5 @@
-//! Shared by the `edge` and `trainer` command lines.
+//! What the `edge` and `trainer` command lines share besides the `--device` flag: the check
+//! that every flag explains itself.
 
 /// Flags and arguments of `command` and its subcommands that have no help text, as
 /// "tool subcommand flag" (empty when `--help` explains everything).

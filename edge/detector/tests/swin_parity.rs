@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use edge::detector::{AttentionImpl, SwinConfig};
+use edge_detector::{AttentionImpl, SwinConfig};
 use safetensors::SafeTensors;
 
 /// The device the parity checks run on: Flex unless `EDGE_TEST_DEVICE` names another compiled
 /// in (`EDGE_TEST_DEVICE=wgpu cargo test --features wgpu ...`), so GPUs get the same check.
 fn test_device() -> Device {
     let name = std::env::var("EDGE_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
-    let choice = <edge::device::DeviceChoice as clap::ValueEnum>::from_str(&name, true)
+    let choice = <edge_detector::device::DeviceChoice as clap::ValueEnum>::from_str(&name, true)
         .unwrap_or_else(|e| panic!("EDGE_TEST_DEVICE={name}: {e}"));
     choice.device().unwrap_or_else(|e| panic!("{e}"))
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use edge::detector::Detector;
+use edge_detector::Detector;
 
 fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(f64::total_cmp);
@@ -39,7 +39,7 @@ fn main() {
                     .expect("package")
                     .weights;
             }
-            let quantization = edge::detector::quant::quantization_of(&bytes);
+            let quantization = edge_detector::quant::quantization_of(&bytes);
             let size = bytes.len();
             let detector = Detector::from_bytes(bytes, file, &device).expect("model loads");
             (file.clone(), size, quantization, detector)

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use edge::detector::{Detector, DetectorConfig, HeadConfig, ImageView, SwinConfig};
+use edge_detector::{Detector, DetectorConfig, HeadConfig, ImageView, SwinConfig};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 fn small_config() -> DetectorConfig {
@@ -113,7 +113,7 @@ fn timm_fixture() -> Vec<u8> {
     .unwrap()
 }
 
-fn fixture_backbone() -> edge::detector::SwinTransformer {
+fn fixture_backbone() -> edge_detector::SwinTransformer {
     SwinConfig::new()
         .with_img_size([112, 84])
         .with_embed_dim(16)

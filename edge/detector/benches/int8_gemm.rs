@@ -10,7 +10,7 @@ use burn::nn::conv::Conv2dConfig;
 use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use edge::detector::int8::{Int8Conv, Int8Linear};
+use edge_detector::int8::{Int8Conv, Int8Linear};
 
 mod common;
 use common::{arg, time_ms};

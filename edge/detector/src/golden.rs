@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use protocol::package::{ExpectedDetection, GoldenSample, GoldenTolerance, Manifest};
 
-use crate::detector::{Detection, Detector, ImageView};
+use crate::{Detection, Detector, ImageView};
 
 /// Loads the weights and runs the golden samples; the error says which sample and box failed.
 pub fn load_and_check(
@@ -80,7 +80,7 @@ fn compare(
             !used[i]
                 && class(d) == e.class
                 && (d.score - e.score).abs() <= tol.score
-                && crate::detector::nms::box_iou(boxed(d), e.bbox) >= tol.iou
+                && crate::nms::box_iou(boxed(d), e.bbox) >= tol.iou
         });
         match hit {
             Some(i) => used[i] = true,

@@ -13,7 +13,7 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use edge::detector::{SwinConfig, kernels};
+use edge_detector::{SwinConfig, kernels};
 
 /// Timed for comparison, not counted in the sum (the backbone uses the other variant).
 const ALTERNATIVES: [&str; 3] = [

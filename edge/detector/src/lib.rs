@@ -1,6 +1,12 @@
 //! The defect detector: Swin backbone, FPN neck, anchor-free head, post-processing, and the
 //! `Detector` API that the daemon and the trainer share (images in, boxes out, any `Device`).
+//! Beside it: the device choice, golden-sample checks of packaged models, and the synthetic
+//! NEU-style surfaces (and their VOC annotations) that tests, the demo and the daemon's
+//! synthetic source draw. Nothing here knows MQTT, HTTP or sled.
 
+pub mod cli;
+pub mod device;
+pub mod golden;
 pub mod head;
 pub mod int8;
 pub mod kernels;
@@ -10,6 +16,8 @@ pub mod preprocess;
 pub mod quant;
 pub mod saliency;
 pub mod swin;
+pub mod synth;
+pub mod voc;
 mod weights;
 
 use burn::prelude::*;

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use edge::detector::{AttentionImpl, DetectorConfig, NEU_CLASSES, SwinConfig};
-use edge::device::DeviceChoice;
+use edge_detector::device::DeviceChoice;
+use edge_detector::{AttentionImpl, DetectorConfig, NEU_CLASSES, SwinConfig};
 
 fn median_ms(mut f: impl FnMut(), warmup: usize, runs: usize) -> (f64, f64) {
     for _ in 0..warmup {

@@ -159,12 +159,12 @@ fn add_resampled(dst: &mut [f32], dw: usize, dh: usize, src: &[f32], sw: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detector::DetectorConfig;
+    use crate::DetectorConfig;
 
     #[test]
     fn saliency_maps_cover_each_image_in_unit_range() {
         let mut config = DetectorConfig::edge_neu();
-        config.backbone = crate::detector::SwinConfig::nano();
+        config.backbone = crate::SwinConfig::nano();
         let detector = Detector::new(config, &Device::flex()).unwrap();
         let a = image::GrayImage::from_fn(200, 120, |x, y| {
             image::Luma([((x * 7 + y * 3) % 255) as u8])
