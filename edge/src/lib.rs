@@ -1,11 +1,15 @@
-#[cfg(feature = "camera")]
-pub mod camera;
+//! The edge daemon, in the order frames travel: [`capture`] (sources, cameras, line-scan
+//! assembly) -> [`pipeline`] (tiles, batches, the detector, rules) -> [`verdicts`] (store,
+//! outbox) -> [`serve`] (HTTP, metrics, review queue, labeling page), with [`models`] (active
+//! model, package store, transfers, signed commands) beside them. [`config`] assembles each
+//! part's own configuration; [`daemon`] wires the parts together. The detector itself is the
+//! `edge-detector` crate.
+
+pub mod capture;
 pub mod config;
 pub mod daemon;
-pub mod http;
-pub mod labeling;
+pub mod identity;
 pub mod models;
 pub mod pipeline;
-pub mod review;
-pub mod source;
-pub mod store;
+pub mod serve;
+pub mod verdicts;

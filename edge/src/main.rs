@@ -152,7 +152,8 @@ fn main() -> Result<()> {
 
 #[cfg(feature = "camera")]
 fn list_cameras() -> Result<()> {
-    let cameras = edge::camera::list().map_err(|e| anyhow::anyhow!("listing cameras: {e}"))?;
+    let cameras =
+        edge::capture::camera::list().map_err(|e| anyhow::anyhow!("listing cameras: {e}"))?;
     if cameras.is_empty() {
         println!("no cameras found (V4L2)");
     }

@@ -15,10 +15,13 @@ fn documented_example_config_loads() {
     assert_eq!(config.rules.classes["crazing"].min_score, Some(0.6));
     assert!(matches!(
         config.source,
-        Some(edge::config::SourceConfig::Synthetic { tiles: 2, .. })
+        Some(edge::capture::SourceConfig::Synthetic { tiles: 2, .. })
     ));
     assert_eq!(config.http.unwrap().listen, "127.0.0.1:8080");
-    assert_eq!(config.store.keep_frames, edge::store::KeepFrames::Failed);
+    assert_eq!(
+        config.store.keep_frames,
+        edge::verdicts::store::KeepFrames::Failed
+    );
 }
 
 fn load(text: &str) -> String {

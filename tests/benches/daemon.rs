@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use e2e::{Broker, Edge, Watcher, edge_config, free_port, run_ok};
-use edge::source::now_ms;
+use edge::capture::now_ms;
 use edge_detector::{Detector, ImageView};
 use protocol::Verdict;
 use rand::SeedableRng;

@@ -357,9 +357,10 @@ fn synthetic_strip_verdicts_match_its_ground_truth() {
     let verdicts = dedup_in_order(&wait_verdicts(&w, FRAMES as usize, &edge));
 
     let mut strip =
-        edge::source::SyntheticStrip::new(tiles, height, 0, rate, seed, 0.0, Some(FRAMES)).unwrap();
+        edge::capture::SyntheticStrip::new(tiles, height, 0, rate, seed, 0.0, Some(FRAMES))
+            .unwrap();
     let mut truth = vec![];
-    while let Some(frame) = edge::source::FrameSource::next_frame(&mut strip).unwrap() {
+    while let Some(frame) = edge::capture::FrameSource::next_frame(&mut strip).unwrap() {
         truth.push(frame.truth);
     }
     assert_eq!(truth.len(), verdicts.len());

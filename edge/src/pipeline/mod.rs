@@ -1,236 +1,29 @@
-//! Frames to verdicts: tiles with overlap at the model's input size, batches (max size, max
-//! wait), the detector, boxes mapped back to frame coordinates and merged across tile seams,
-//! decision rules, a verdict per frame. Queues are bounded with an explicit policy (block the
-//! source, or drop the oldest frame) and every drop is counted.
+//! Frames to verdicts: tiles with overlap at the model's input size ([`tiling`]), batches (max
+//! size, max wait), the detector, boxes mapped back to frame coordinates and merged across tile
+//! seams, decision rules ([`rules`]), a decision per frame. The frame queue is bounded with an
+//! explicit policy ([`queue`]: block the source, or drop the oldest frame) and every drop is
+//! counted. [`inspection`] runs it all on two threads.
 
-use std::collections::{BTreeMap, VecDeque};
+pub mod inspection;
+pub mod queue;
+pub mod rules;
+pub mod tiling;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use edge_detector::{Detection, ImageView};
 use image::GrayImage;
+pub use protocol::Defect;
 use serde::{Deserialize, Serialize};
 
-use crate::source::Frame;
-use edge_detector::{Detection, ImageView};
-pub use protocol::Defect;
-
-/// What to do when the frame queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropPolicy {
-    /// Drop the oldest queued frame (live inspection: stay current).
-    DropOldest,
-    /// Make the source wait (replay, or sources that buffer themselves).
-    Block,
-}
-
-/// A bounded FIFO shared by a producer and a consumer.
-pub struct BoundedQueue<T> {
-    inner: Mutex<(VecDeque<T>, bool)>,
-    changed: Condvar,
-    capacity: usize,
-    policy: DropPolicy,
-    pub dropped: AtomicU64,
-}
-
-impl<T> BoundedQueue<T> {
-    pub fn new(capacity: usize, policy: DropPolicy) -> Self {
-        Self {
-            inner: Mutex::new((VecDeque::with_capacity(capacity), false)),
-            changed: Condvar::new(),
-            capacity: capacity.max(1),
-            policy,
-            dropped: AtomicU64::new(0),
-        }
-    }
-
-    /// Adds an item; returns the item dropped to make room (drop-oldest policy).
-    pub fn push(&self, item: T) -> Option<T> {
-        let mut guard = self.inner.lock().expect("queue lock");
-        let mut dropped = None;
-        while guard.0.len() >= self.capacity {
-            match self.policy {
-                DropPolicy::DropOldest => {
-                    dropped = guard.0.pop_front();
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                DropPolicy::Block => {
-                    if guard.1 {
-                        return Some(item);
-                    }
-                    guard = self.changed.wait(guard).expect("queue lock");
-                }
-            }
-        }
-        guard.0.push_back(item);
-        self.changed.notify_all();
-        dropped
-    }
-
-    /// Takes the next item, waiting up to `timeout`; `None` on timeout or when closed and empty.
-    pub fn pop(&self, timeout: Duration) -> Option<T> {
-        let until = Instant::now() + timeout;
-        let mut guard = self.inner.lock().expect("queue lock");
-        loop {
-            if let Some(item) = guard.0.pop_front() {
-                self.changed.notify_all();
-                return Some(item);
-            }
-            let now = Instant::now();
-            if guard.1 || now >= until {
-                return None;
-            }
-            guard = self
-                .changed
-                .wait_timeout(guard, until - now)
-                .expect("queue lock")
-                .0;
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("queue lock").0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// No more items will come; waiters wake up.
-    pub fn close(&self) {
-        self.inner.lock().expect("queue lock").1 = true;
-        self.changed.notify_all();
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.inner.lock().expect("queue lock").1
-    }
-}
-
-/// Per-class rule; absent fields fall back to the defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassRule {
-    pub min_score: Option<f32>,
-    /// Minimum box area in frame pixels.
-    pub min_area: Option<f32>,
-    /// Never fail on this class (still recorded).
-    #[serde(default)]
-    pub ignore: bool,
-}
-
-/// Decision rules: a frame fails if any detection passes its class's score and area thresholds
-/// and its centre lies in a region of interest.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rules {
-    #[serde(default = "default_min_score")]
-    pub min_score: f32,
-    #[serde(default)]
-    pub min_area: f32,
-    /// Per-class overrides by class name.
-    #[serde(default)]
-    pub classes: BTreeMap<String, ClassRule>,
-    /// Regions of interest `[x1, y1, x2, y2]` in frame pixels; empty: the whole frame.
-    #[serde(default)]
-    pub roi: Vec<[f32; 4]>,
-}
-
-fn default_min_score() -> f32 {
-    0.5
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        Self {
-            min_score: default_min_score(),
-            min_area: 0.0,
-            classes: BTreeMap::new(),
-            roi: vec![],
-        }
-    }
-}
-
-impl Rules {
-    /// Whether a detection makes the frame fail.
-    pub fn fails(&self, class: &str, d: &Detection) -> bool {
-        let rule = self.classes.get(class);
-        if rule.is_some_and(|r| r.ignore) {
-            return false;
-        }
-        let min_score = rule.and_then(|r| r.min_score).unwrap_or(self.min_score);
-        let min_area = rule.and_then(|r| r.min_area).unwrap_or(self.min_area);
-        let area = (d.x2 - d.x1).max(0.0) * (d.y2 - d.y1).max(0.0);
-        let (cx, cy) = ((d.x1 + d.x2) / 2.0, (d.y1 + d.y2) / 2.0);
-        let in_roi = self.roi.is_empty()
-            || self
-                .roi
-                .iter()
-                .any(|r| cx >= r[0] && cx < r[2] && cy >= r[1] && cy < r[3]);
-        d.score >= min_score && area >= min_area && in_roi
-    }
-}
-
-/// Tile origins along one axis: `size`-wide windows with at least `overlap` shared pixels,
-/// the last one flush with the end.
-pub fn tile_starts(length: usize, size: usize, overlap: usize) -> Vec<usize> {
-    if length <= size {
-        return vec![0];
-    }
-    let stride = size.saturating_sub(overlap).max(1);
-    let mut starts: Vec<usize> = (0..)
-        .map(|i| i * stride)
-        .take_while(|&s| s + size < length)
-        .collect();
-    starts.push(length - size);
-    starts
-}
-
-/// Cuts a frame into tiles; returns (x, y, tile).
-pub fn tiles(image: &GrayImage, size: usize, overlap: usize) -> Vec<(u32, u32, GrayImage)> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let mut out = Vec::new();
-    for &y in &tile_starts(h, size, overlap) {
-        for &x in &tile_starts(w, size, overlap) {
-            let tw = size.min(w) as u32;
-            let th = size.min(h) as u32;
-            let tile = image::imageops::crop_imm(image, x as u32, y as u32, tw, th).to_image();
-            out.push((x as u32, y as u32, tile));
-        }
-    }
-    out
-}
-
-/// Merges detections from overlapping tiles: same-class boxes where one mostly covers the other
-/// (intersection over the smaller area >= `threshold`) become their union with the higher score;
-/// this removes the duplicates in overlaps and joins defects cut by a seam.
-pub fn merge_across_seams(mut dets: Vec<Detection>, threshold: f32) -> Vec<Detection> {
-    dets.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let mut kept: Vec<Detection> = Vec::with_capacity(dets.len());
-    for d in dets {
-        let area = |b: &Detection| (b.x2 - b.x1).max(0.0) * (b.y2 - b.y1).max(0.0);
-        let hit = kept.iter_mut().find(|k| {
-            if k.class_id != d.class_id {
-                return false;
-            }
-            let iw = (k.x2.min(d.x2) - k.x1.max(d.x1)).max(0.0);
-            let ih = (k.y2.min(d.y2) - k.y1.max(d.y1)).max(0.0);
-            let smaller = area(k).min(area(&d));
-            smaller > 0.0 && iw * ih / smaller >= threshold
-        });
-        match hit {
-            Some(k) => {
-                k.x1 = k.x1.min(d.x1);
-                k.y1 = k.y1.min(d.y1);
-                k.x2 = k.x2.max(d.x2);
-                k.y2 = k.y2.max(d.y2);
-            }
-            None => kept.push(d),
-        }
-    }
-    kept
-}
+use crate::capture::Frame;
+use crate::models::ActiveModel;
+pub use inspection::Inspection;
+pub use queue::{BoundedQueue, DropPolicy};
+pub use rules::{ClassRule, Rules};
+pub use tiling::{merge_across_seams, tile_starts, tiles};
 
 /// What the pipeline decides about one frame.
 #[derive(Clone, Debug)]
@@ -328,7 +121,7 @@ pub fn run_inference(
     config: &PipelineConfig,
     rules: &Rules,
     frames: &BoundedQueue<Frame>,
-    active: &crate::daemon::ActiveModel,
+    active: &ActiveModel,
     stats: &PipelineStats,
     mut emit: impl FnMut(Decision),
 ) {

@@ -9,125 +9,16 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
-use crate::daemon::ActiveModel;
-use crate::pipeline::PipelineStats;
-use crate::store::VerdictStore;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    pub result: &'static str,
-}
-
-/// Metrics updated by the pipeline as it runs.
-pub struct Metrics {
-    registry: std::sync::Mutex<Registry>,
-    pub verdicts: Family<ResultLabel, Counter>,
-    /// Frame taken by the detector stage -> verdict, seconds.
-    pub latency: Histogram,
-    frames: Counter,
-    bad_frames: Counter,
-    dropped: Counter,
-    tiles: Counter,
-    batches: Counter,
-    queue_depth: Gauge,
-    outbox_pending: Gauge,
-    model_version: Gauge,
-    fps: Gauge<f64, std::sync::atomic::AtomicU64>,
-    review_pending: Gauge,
-    review_labeled: Gauge,
-    review_evicted: Counter,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("edge");
-        let m = Metrics {
-            verdicts: Family::default(),
-            latency: Histogram::new([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
-            frames: Counter::default(),
-            bad_frames: Counter::default(),
-            dropped: Counter::default(),
-            tiles: Counter::default(),
-            batches: Counter::default(),
-            queue_depth: Gauge::default(),
-            outbox_pending: Gauge::default(),
-            model_version: Gauge::default(),
-            fps: Gauge::default(),
-            review_pending: Gauge::default(),
-            review_labeled: Gauge::default(),
-            review_evicted: Counter::default(),
-            registry: std::sync::Mutex::new(Registry::default()),
-        };
-        registry.register("verdicts", "Verdicts by result", m.verdicts.clone());
-        registry.register(
-            "latency_seconds",
-            "Detector stage latency per frame",
-            m.latency.clone(),
-        );
-        registry.register(
-            "frames",
-            "Frames received from the source",
-            m.frames.clone(),
-        );
-        registry.register(
-            "bad_frames",
-            "Corrupt or unjudgeable frames skipped",
-            m.bad_frames.clone(),
-        );
-        registry.register(
-            "dropped_frames",
-            "Frames dropped by the full queue",
-            m.dropped.clone(),
-        );
-        registry.register("tiles", "Tiles run through the detector", m.tiles.clone());
-        registry.register("batches", "Detector forward passes", m.batches.clone());
-        registry.register(
-            "queue_depth",
-            "Frames waiting for the detector",
-            m.queue_depth.clone(),
-        );
-        registry.register(
-            "outbox_pending",
-            "Verdicts stored but not yet acknowledged by the broker",
-            m.outbox_pending.clone(),
-        );
-        registry.register(
-            "active_model_version",
-            "Version of the active model (0: none)",
-            m.model_version.clone(),
-        );
-        registry.register(
-            "fps",
-            "Verdicts per second over the last scrape interval",
-            m.fps.clone(),
-        );
-        registry.register(
-            "review_pending",
-            "Frames waiting for a labeler ([review])",
-            m.review_pending.clone(),
-        );
-        registry.register(
-            "review_labeled",
-            "Labeled frames kept for export ([review])",
-            m.review_labeled.clone(),
-        );
-        registry.register(
-            "review_evicted",
-            "Unlabeled frames dropped from the full review queue",
-            m.review_evicted.clone(),
-        );
-        *m.registry.lock().expect("lock") = registry;
-        m
-    }
-}
+use super::metrics::Metrics;
+use crate::capture::Frame;
+use crate::models::ActiveModel;
+use crate::pipeline::{BoundedQueue, PipelineStats};
+use crate::serve::labeling::LabelingState;
+use crate::serve::review::ReviewQueue;
+use crate::verdicts::store::VerdictStore;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -136,16 +27,15 @@ pub struct AppState {
     pub stats: Arc<PipelineStats>,
     pub store: Arc<VerdictStore>,
     pub active: ActiveModel,
-    pub queue:
-        Arc<std::sync::Mutex<Option<Arc<crate::pipeline::BoundedQueue<crate::source::Frame>>>>>,
-    pub review: Option<Arc<crate::review::ReviewQueue>>,
+    pub queue: Arc<std::sync::Mutex<Option<Arc<BoundedQueue<Frame>>>>>,
+    pub review: Option<Arc<ReviewQueue>>,
     /// Whether a source is configured (readiness then needs it running).
     pub has_source: bool,
     pub last_scrape: Arc<std::sync::Mutex<(std::time::Instant, u64)>>,
 }
 
 /// The daemon's routes, and the labeling page's when `[review]` is configured.
-pub fn router(state: AppState, labeling: Option<crate::labeling::LabelingState>) -> Router {
+pub fn router(state: AppState, labeling: Option<LabelingState>) -> Router {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -154,7 +44,7 @@ pub fn router(state: AppState, labeling: Option<crate::labeling::LabelingState>)
         .route("/api/frames/{file}", get(frame))
         .with_state(state);
     match labeling {
-        Some(l) => router.merge(crate::labeling::routes(l)),
+        Some(l) => router.merge(super::labeling::routes(l)),
         None => router,
     }
 }

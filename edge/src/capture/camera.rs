@@ -15,8 +15,7 @@ use nokhwa::utils::{
     Resolution,
 };
 
-use crate::config::PixelFormat;
-use crate::source::{Frame, FrameSource, SourceError, now_ms};
+use super::{Frame, FrameSource, PixelFormat, SourceError, now_ms};
 
 /// Frames waiting between the capture thread and the pipeline: a camera cannot be paused, so a
 /// slow consumer loses the oldest frames at the pipeline's bounded queue, not here.

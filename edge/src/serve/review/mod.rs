@@ -7,8 +7,6 @@
 //! one); labeled frames are never dropped to make room: once `max_labeled` are kept, new frames
 //! are not queued until some are exported and discarded.
 
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,139 +18,14 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
-use crate::store::{jpeg, key};
+use crate::verdicts::store::{jpeg, key};
 
-/// `[review]` in the daemon config.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReviewConfig {
-    /// Labeler name -> API token. The name is recorded with every label the token saves.
-    pub labelers: BTreeMap<String, String>,
-    /// Classes offered on the page (keys 1-9 pick them), in this order.
-    #[serde(default = "default_classes")]
-    pub classes: Vec<String>,
-    /// Fraction of failed frames queued.
-    #[serde(default = "one")]
-    pub failed_rate: f64,
-    /// Passing frames whose top score is in [low, high) are uncertain.
-    #[serde(default = "default_band")]
-    pub uncertain: [f32; 2],
-    /// Fraction of uncertain frames queued.
-    #[serde(default = "one")]
-    pub uncertain_rate: f64,
-    /// Fraction of the other passing frames queued (a check on what the model lets through).
-    #[serde(default = "default_pass_rate")]
-    pub pass_rate: f64,
-    /// Unlabeled frames kept (oldest go first).
-    #[serde(default = "default_max_pending")]
-    pub max_pending: usize,
-    /// Labeled frames kept; when reached, nothing new is queued.
-    #[serde(default = "default_max_labeled")]
-    pub max_labeled: usize,
-}
+mod config;
+mod export;
+mod heatmap;
 
-fn default_classes() -> Vec<String> {
-    edge_detector::NEU_CLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-fn one() -> f64 {
-    1.0
-}
-fn default_band() -> [f32; 2] {
-    [0.2, 0.5]
-}
-fn default_pass_rate() -> f64 {
-    0.01
-}
-fn default_max_pending() -> usize {
-    500
-}
-fn default_max_labeled() -> usize {
-    10_000
-}
-
-/// Labeler names and class names: what may appear in a file name or an XML element.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-impl ReviewConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.labelers.is_empty() {
-            return Err("review.labelers: at least one `name = \"token\"`".into());
-        }
-        for (name, token) in &self.labelers {
-            if !valid_name(name) {
-                return Err(format!(
-                    "review.labelers.{name}: names are 1-64 of A-Z a-z 0-9 - _ ."
-                ));
-            }
-            if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(format!(
-                    "review.labelers.{name}: the token must be at least 16 printable characters without spaces"
-                ));
-            }
-        }
-        let tokens: std::collections::BTreeSet<&String> = self.labelers.values().collect();
-        if tokens.len() != self.labelers.len() {
-            return Err("review.labelers: two labelers share a token".into());
-        }
-        if self.classes.is_empty() || self.classes.len() > 64 {
-            return Err("review.classes: 1 to 64 class names".into());
-        }
-        for (i, c) in self.classes.iter().enumerate() {
-            if !valid_name(c) {
-                return Err(format!(
-                    "review.classes[{i}] {c:?}: names are 1-64 of A-Z a-z 0-9 - _ ."
-                ));
-            }
-            if self.classes[..i].contains(c) {
-                return Err(format!("review.classes: {c:?} is listed twice"));
-            }
-        }
-        for (key, rate) in [
-            ("failed_rate", self.failed_rate),
-            ("uncertain_rate", self.uncertain_rate),
-            ("pass_rate", self.pass_rate),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(format!("review.{key}: {rate} is not in [0, 1]"));
-            }
-        }
-        let [lo, hi] = self.uncertain;
-        if !(0.0 <= lo && lo < hi && hi <= 1.0) {
-            return Err(format!(
-                "review.uncertain: [{lo}, {hi}] must be [low, high] with 0 <= low < high <= 1"
-            ));
-        }
-        if self.max_pending == 0 || self.max_labeled == 0 {
-            return Err("review.max_pending and review.max_labeled: at least 1".into());
-        }
-        Ok(())
-    }
-
-    /// The labeler a token belongs to.
-    pub fn labeler(&self, token: &str) -> Option<&str> {
-        // Compare every token in full: the time taken does not tell how much of one matched.
-        let mut found = None;
-        for (name, t) in &self.labelers {
-            let same = t.len() == token.len()
-                && t.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0;
-            if same {
-                found = Some(name.as_str());
-            }
-        }
-        found
-    }
-}
+pub use config::ReviewConfig;
+pub use heatmap::heatmap_png;
 
 /// Why a frame is in the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -482,7 +355,7 @@ impl ReviewQueue {
         item.label = Some(Label {
             boxes,
             by: by.to_string(),
-            at_ms: crate::source::now_ms(),
+            at_ms: crate::capture::now_ms(),
         });
         let k = key(id);
         let bytes = serde_json::to_vec(&item).expect("serializable");
@@ -528,140 +401,6 @@ impl ReviewQueue {
         self.heatmaps.insert(key(id), v)?;
         Ok(())
     }
-
-    /// Writes the labeled frames as a tar in the NEU-DET layout: `images/NAME.jpg`,
-    /// `annotations/NAME.xml` (VOC; no objects = no defect) and `labels.jsonl` (who labeled what,
-    /// when, and why it was queued). NAME is `{device}_{id}`. Returns the frames written.
-    pub fn export(&self, device: &str, out: impl Write) -> Result<usize, ReviewError> {
-        let io = |e: std::io::Error| ReviewError::Store(format!("writing the export: {e}"));
-        let mut tar = tar::Builder::new(out);
-        let mut provenance = Vec::new();
-        let mut n = 0;
-        for entry in self.labeled.iter() {
-            let (k, _) = entry?;
-            let id = id_of(&k);
-            let (Some(item), Some(frame)) = (self.get(id)?, self.jpeg(id, false)?) else {
-                continue;
-            };
-            let Some(label) = &item.label else { continue };
-            let name = format!("{device}_{id}");
-            let objects: Vec<(&str, [f32; 4])> = label
-                .boxes
-                .iter()
-                .map(|b| (b.class.as_str(), b.bbox))
-                .collect();
-            let xml = edge_detector::voc::voc_xml(
-                &format!("{name}.jpg"),
-                item.width,
-                item.height,
-                "edge review",
-                &objects,
-            );
-            let mtime = label.at_ms / 1000;
-            append(&mut tar, &format!("images/{name}.jpg"), &frame, mtime).map_err(io)?;
-            append(
-                &mut tar,
-                &format!("annotations/{name}.xml"),
-                xml.as_bytes(),
-                mtime,
-            )
-            .map_err(io)?;
-            let line = serde_json::json!({
-                "name": name, "id": id, "by": label.by, "at_ms": label.at_ms,
-                "reason": item.reason, "model": item.model, "boxes": label.boxes.len(),
-            });
-            provenance.extend_from_slice(line.to_string().as_bytes());
-            provenance.push(b'\n');
-            n += 1;
-        }
-        append(
-            &mut tar,
-            "labels.jsonl",
-            &provenance,
-            crate::source::now_ms() / 1000,
-        )
-        .map_err(io)?;
-        tar.into_inner().and_then(|mut w| w.flush()).map_err(io)?;
-        Ok(n)
-    }
-}
-
-fn append<W: Write>(
-    tar: &mut tar::Builder<W>,
-    path: &str,
-    data: &[u8],
-    mtime: u64,
-) -> std::io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(mtime);
-    header.set_cksum();
-    tar.append_data(&mut header, path, data)
-}
-
-/// The heat map of where `detector` (with autodiff: [`Detector::with_autodiff`]) looked in
-/// `frame`: Grad-CAM per tile, cut as the pipeline cuts frames (`tile`, `overlap`), each tile's
-/// map weighted by the score of what it explains (a tile where the model found nothing stays
-/// faint; the strongest tile wins in overlaps), drawn as a translucent PNG the size of the frame.
-pub fn heatmap_png(
-    detector: &edge_detector::Detector,
-    frame: &GrayImage,
-    tile: usize,
-    overlap: usize,
-) -> Result<Vec<u8>, edge_detector::DetectorError> {
-    let size = if tile > 0 {
-        tile
-    } else {
-        detector.config.preprocess.input_size[1]
-    };
-    let tiles = crate::pipeline::tiles(frame, size, overlap.min(size / 2));
-    let (w, h) = (frame.width() as usize, frame.height() as usize);
-    let mut heat = vec![0f32; w * h];
-    for chunk in tiles.chunks(4) {
-        let views: Vec<_> = chunk
-            .iter()
-            .map(|(_, _, t)| edge_detector::ImageView::grey(t))
-            .collect();
-        for ((x0, y0, _), map) in chunk.iter().zip(detector.saliency(&views)?) {
-            for y in 0..map.height {
-                let row = (*y0 as usize + y) * w + *x0 as usize;
-                for x in 0..map.width {
-                    let v = &mut heat[row + x];
-                    *v = v.max(map.score * map.values[y * map.width + x]);
-                }
-            }
-        }
-    }
-    let max = heat.iter().copied().fold(0f32, f32::max);
-    if max > 0.0 {
-        heat.iter_mut().for_each(|v| *v /= max);
-    }
-    // Black -> purple -> orange -> yellow, transparent where the model did not look.
-    const STOPS: [[f32; 3]; 4] = [
-        [40.0, 0.0, 90.0],
-        [180.0, 30.0, 120.0],
-        [250.0, 130.0, 20.0],
-        [255.0, 240.0, 60.0],
-    ];
-    let rgba = image::RgbaImage::from_fn(w as u32, h as u32, |x, y| {
-        let v = heat[y as usize * w + x as usize].clamp(0.0, 1.0);
-        let f = v * (STOPS.len() - 1) as f32;
-        let i = (f.floor() as usize).min(STOPS.len() - 2);
-        let t = f - i as f32;
-        let c = |k: usize| (STOPS[i][k] * (1.0 - t) + STOPS[i + 1][k] * t) as u8;
-        let alpha = if v < 0.25 {
-            0
-        } else {
-            (40.0 + 170.0 * v) as u8
-        };
-        image::Rgba([c(0), c(1), c(2), alpha])
-    });
-    let mut png = Vec::new();
-    image::DynamicImage::ImageRgba8(rgba)
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("encoding to memory");
-    Ok(png)
 }
 
 fn top_score(verdict: &Verdict) -> f32 {
@@ -685,7 +424,7 @@ mod tests {
     fn config() -> ReviewConfig {
         ReviewConfig {
             labelers: [("anna".to_string(), "0123456789abcdef".to_string())].into(),
-            classes: default_classes(),
+            classes: config::default_classes(),
             failed_rate: 1.0,
             uncertain: [0.2, 0.5],
             uncertain_rate: 1.0,
@@ -833,7 +572,7 @@ mod tests {
         let mut tar_bytes = Vec::new();
         assert_eq!(q.export("cam-01", &mut tar_bytes).unwrap(), 2);
         let mut archive = tar::Archive::new(tar_bytes.as_slice());
-        let mut files = BTreeMap::new();
+        let mut files = std::collections::BTreeMap::new();
         for e in archive.entries().unwrap() {
             let mut e = e.unwrap();
             let mut s = Vec::new();

@@ -23,8 +23,8 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::daemon::ActiveModel;
-use crate::review::{LabelRequest, ReviewError, ReviewQueue, Status};
+use crate::models::ActiveModel;
+use crate::serve::review::{LabelRequest, ReviewError, ReviewQueue, Status};
 
 /// Largest request body accepted (a label with the maximum number of boxes fits easily).
 pub const MAX_BODY: usize = 64 << 10;
@@ -311,7 +311,8 @@ async fn heatmap(s: &LabelingState, id: u64) -> Reply {
         let frame = image::load_from_memory(&frame)
             .map_err(|e| format!("stored frame {id}: {e}"))?
             .to_luma8();
-        crate::review::heatmap_png(&detector, &frame, tile, overlap).map_err(|e| e.to_string())
+        crate::serve::review::heatmap_png(&detector, &frame, tile, overlap)
+            .map_err(|e| e.to_string())
     })
     .await;
     Ok(match made {

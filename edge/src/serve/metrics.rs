@@ -1,0 +1,117 @@
+//! The daemon's Prometheus metrics: counters the verdict path updates as it goes, and gauges
+//! the `/metrics` handler refreshes from the pipeline's and stores' own counts at each scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Metrics updated by the pipeline as it runs.
+pub struct Metrics {
+    pub(super) registry: std::sync::Mutex<Registry>,
+    pub verdicts: Family<ResultLabel, Counter>,
+    /// Frame taken by the detector stage -> verdict, seconds.
+    pub latency: Histogram,
+    pub(super) frames: Counter,
+    pub(super) bad_frames: Counter,
+    pub(super) dropped: Counter,
+    pub(super) tiles: Counter,
+    pub(super) batches: Counter,
+    pub(super) queue_depth: Gauge,
+    pub(super) outbox_pending: Gauge,
+    pub(super) model_version: Gauge,
+    pub(super) fps: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub(super) review_pending: Gauge,
+    pub(super) review_labeled: Gauge,
+    pub(super) review_evicted: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("edge");
+        let m = Metrics {
+            verdicts: Family::default(),
+            latency: Histogram::new([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
+            frames: Counter::default(),
+            bad_frames: Counter::default(),
+            dropped: Counter::default(),
+            tiles: Counter::default(),
+            batches: Counter::default(),
+            queue_depth: Gauge::default(),
+            outbox_pending: Gauge::default(),
+            model_version: Gauge::default(),
+            fps: Gauge::default(),
+            review_pending: Gauge::default(),
+            review_labeled: Gauge::default(),
+            review_evicted: Counter::default(),
+            registry: std::sync::Mutex::new(Registry::default()),
+        };
+        registry.register("verdicts", "Verdicts by result", m.verdicts.clone());
+        registry.register(
+            "latency_seconds",
+            "Detector stage latency per frame",
+            m.latency.clone(),
+        );
+        registry.register(
+            "frames",
+            "Frames received from the source",
+            m.frames.clone(),
+        );
+        registry.register(
+            "bad_frames",
+            "Corrupt or unjudgeable frames skipped",
+            m.bad_frames.clone(),
+        );
+        registry.register(
+            "dropped_frames",
+            "Frames dropped by the full queue",
+            m.dropped.clone(),
+        );
+        registry.register("tiles", "Tiles run through the detector", m.tiles.clone());
+        registry.register("batches", "Detector forward passes", m.batches.clone());
+        registry.register(
+            "queue_depth",
+            "Frames waiting for the detector",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "outbox_pending",
+            "Verdicts stored but not yet acknowledged by the broker",
+            m.outbox_pending.clone(),
+        );
+        registry.register(
+            "active_model_version",
+            "Version of the active model (0: none)",
+            m.model_version.clone(),
+        );
+        registry.register(
+            "fps",
+            "Verdicts per second over the last scrape interval",
+            m.fps.clone(),
+        );
+        registry.register(
+            "review_pending",
+            "Frames waiting for a labeler ([review])",
+            m.review_pending.clone(),
+        );
+        registry.register(
+            "review_labeled",
+            "Labeled frames kept for export ([review])",
+            m.review_labeled.clone(),
+        );
+        registry.register(
+            "review_evicted",
+            "Unlabeled frames dropped from the full review queue",
+            m.review_evicted.clone(),
+        );
+        *m.registry.lock().expect("lock") = registry;
+        m
+    }
+}
