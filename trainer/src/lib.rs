@@ -1,6 +1,7 @@
 //! The trainer: data (NEU-DET/VOC, synthetic), fine-tuning the edge detector, evaluation and
 //! its reports.
 
+pub mod commands;
 pub mod compress;
 pub mod data;
 pub mod demo;
