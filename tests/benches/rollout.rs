@@ -20,26 +20,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    run_ok(
-        "trainer",
-        &["keygen", "--out", &d("keys"), "--name", "fleet"],
-    );
-    run_ok(
-        "trainer",
-        &["synth", "--out", &d("synth"), "--per-class", "1"],
-    );
-    let golden = d("synth/images/crazing_1.jpg");
-    let fleet_pub = std::fs::read_to_string(dir.path().join("keys/fleet.pub")).unwrap();
+    let files = e2e::Fixtures::at(dir.path());
+    let fleet_pub = files.keygen("fleet");
+    files.synth(1, 0);
+    let golden = files.golden("crazing_1.jpg");
     let mut packages = vec![];
     for (version, size) in [(1, "nano"), (2, "edge"), (3, "tiny")] {
-        let model = d(&format!("{size}.safetensors"));
-        run_ok("trainer", &["init-model", "--size", size, "--out", &model]);
+        let model = files.init_model(size, size, 0);
         let pkg = d(&format!("{size}.edgepkg"));
         e2e::package(
-            Path::new(&model),
-            &dir.path().join("keys/fleet.key"),
+            &model,
+            &files.path("keys/fleet.key"),
             version,
-            Path::new(&golden),
+            &golden,
             Path::new(&pkg),
         );
         packages.push((size, pkg));

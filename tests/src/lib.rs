@@ -57,23 +57,122 @@ pub fn run_ok(name: &str, args: &[&str]) -> String {
 
 /// `trainer package`: signs `model` with `key` as `version`, one golden image.
 pub fn package(model: &Path, key: &Path, version: u64, golden: &Path, out: &Path) {
+    package_with(model, key, version, &[golden], &[], out);
+}
+
+/// `trainer package` with several golden images and extra flags.
+pub fn package_with(
+    model: &Path,
+    key: &Path,
+    version: u64,
+    golden: &[&Path],
+    extra: &[&str],
+    out: &Path,
+) {
     let s = |p: &Path| p.display().to_string();
-    run_ok(
-        "trainer",
-        &[
-            "package",
-            "--model",
-            &s(model),
-            "--key",
-            &s(key),
-            "--version",
-            &version.to_string(),
-            "--golden",
-            &s(golden),
-            "--out",
-            &s(out),
-        ],
-    );
+    let version = version.to_string();
+    let (model, key, out) = (s(model), s(key), s(out));
+    let golden: Vec<String> = golden.iter().map(|g| s(g)).collect();
+    let mut args = vec![
+        "package",
+        "--model",
+        &model,
+        "--key",
+        &key,
+        "--version",
+        &version,
+    ];
+    for g in &golden {
+        args.extend(["--golden", g.as_str()]);
+    }
+    args.extend(extra);
+    args.extend(["--out", &out]);
+    run_ok("trainer", &args);
+}
+
+/// A folder of fixtures made with the real `trainer`: key pairs, a synthetic NEU-style set,
+/// untrained models, signed packages. The folder is kept (tests of one binary share it through
+/// a `OnceLock`).
+pub struct Fixtures {
+    pub dir: PathBuf,
+}
+
+impl Fixtures {
+    /// A new folder under the system's temp dir, named after `prefix`.
+    pub fn new(prefix: &str) -> Fixtures {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        Fixtures { dir }
+    }
+
+    /// Fixtures written into an existing folder.
+    pub fn at(dir: &Path) -> Fixtures {
+        Fixtures {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// `trainer keygen`: keys/NAME.key and keys/NAME.pub; returns the public key (hex).
+    pub fn keygen(&self, name: &str) -> String {
+        run_ok(
+            "trainer",
+            &["keygen", "--out", &self.p("keys"), "--name", name],
+        );
+        std::fs::read_to_string(self.path(&format!("keys/{name}.pub")))
+            .expect("public key")
+            .trim()
+            .to_string()
+    }
+
+    /// `trainer synth` into synth/: `per_class` images of each class (synth/images/CLASS_N.jpg).
+    pub fn synth(&self, per_class: usize, seed: u64) {
+        run_ok(
+            "trainer",
+            &[
+                "synth",
+                "--out",
+                &self.p("synth"),
+                "--per-class",
+                &per_class.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ],
+        );
+    }
+
+    /// `trainer init-model`: an untrained detector of `size` in NAME.safetensors.
+    pub fn init_model(&self, name: &str, size: &str, seed: u64) -> PathBuf {
+        let out = self.path(&format!("{name}.safetensors"));
+        run_ok(
+            "trainer",
+            &[
+                "init-model",
+                "--size",
+                size,
+                "--seed",
+                &seed.to_string(),
+                "--out",
+                &out.display().to_string(),
+            ],
+        );
+        out
+    }
+
+    /// A synthetic image made by [`Fixtures::synth`], as a golden sample.
+    pub fn golden(&self, image: &str) -> PathBuf {
+        self.path(&format!("synth/images/{image}"))
+    }
 }
 
 /// Runs a binary; returns (success, stdout + stderr).
@@ -370,11 +469,25 @@ impl Watcher {
     }
 }
 
-/// The edge config used by the tests.
+/// The edge config used by the tests: a device on `broker_port` with a factory package.
 pub fn edge_config(
     id: &str,
     groups: &[&str],
     broker_port: u16,
+    trusted: &str,
+    factory: &Path,
+    extra_models: &str,
+) -> String {
+    format!(
+        "{}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nkeep_alive_s = 2\n",
+        offline_edge_config(id, groups, trusted, factory, extra_models)
+    )
+}
+
+/// The same device without a broker (`[device]`, `[storage]`, `[models]`): add sections after it.
+pub fn offline_edge_config(
+    id: &str,
+    groups: &[&str],
     trusted: &str,
     factory: &Path,
     extra_models: &str,
@@ -388,11 +501,6 @@ groups = [{groups}]
 
 [storage]
 dir = "state"
-
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-keep_alive_s = 2
 
 [models]
 trusted_keys = ["{trusted}"]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use e2e::{Broker, Edge, Watcher, run, run_ok};
+use e2e::{Broker, Edge, Fixtures, Watcher, run};
 use protocol::Verdict;
 
 const T: Duration = Duration::from_secs(90);
@@ -20,44 +20,21 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("inspection-fixture")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let d = |n: &str| dir.join(n).display().to_string();
-        run_ok(
-            "trainer",
-            &["keygen", "--out", &d("keys"), "--name", "fleet"],
-        );
-        run_ok(
-            "trainer",
-            &[
-                "synth",
-                "--out",
-                &d("synth"),
-                "--per-class",
-                "2",
-                "--seed",
-                "4",
-            ],
-        );
-        run_ok(
-            "trainer",
-            &["init-model", "--size", "nano", "--out", &d("m.safetensors")],
-        );
+        let files = Fixtures::new("inspection-fixture");
+        let public = files.keygen("fleet");
+        files.synth(2, 4);
+        let model = files.init_model("m", "nano", 0);
         e2e::package(
-            &dir.join("m.safetensors"),
-            &dir.join("keys/fleet.key"),
+            &model,
+            &files.path("keys/fleet.key"),
             1,
-            &dir.join("synth/images/crazing_1.jpg"),
-            &dir.join("v1.edgepkg"),
+            &files.golden("crazing_1.jpg"),
+            &files.path("v1.edgepkg"),
         );
-        let public = std::fs::read_to_string(dir.join("keys/fleet.pub"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Fixture { dir, public }
+        Fixture {
+            dir: files.dir,
+            public,
+        }
     })
 }
 

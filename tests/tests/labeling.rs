@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{Edge, run_ok};
+use e2e::{Edge, Fixtures, run_ok};
 use fantoccini::actions::{InputSource, MouseActions, PointerAction};
 use fantoccini::{Client, ClientBuilder, Locator};
 
@@ -21,46 +21,21 @@ const T: Duration = Duration::from_secs(90);
 /// A daemon with `[review]`, offline, inspecting `FRAMES` frames of a 400x200 synthetic strip
 /// with the strip fixture model; every frame is queued (pass_rate 1).
 fn start_daemon(dir: &Path) -> (Edge, String) {
-    let d = |n: &str| dir.join(n).display().to_string();
-    run_ok(
-        "trainer",
-        &["keygen", "--out", &d("keys"), "--name", "fleet"],
-    );
-    run_ok(
-        "trainer",
-        &[
-            "synth",
-            "--out",
-            &d("synth"),
-            "--per-class",
-            "1",
-            "--seed",
-            "3",
-        ],
-    );
+    let files = Fixtures::at(dir);
+    let public = files.keygen("fleet");
+    files.synth(1, 3);
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/strip-nano.safetensors");
     e2e::package(
         &model,
-        &dir.join("keys/fleet.key"),
+        &files.path("keys/fleet.key"),
         1,
-        &dir.join("synth/images/scratches_1.jpg"),
-        &dir.join("strip.edgepkg"),
+        &files.golden("scratches_1.jpg"),
+        &files.path("strip.edgepkg"),
     );
-    let public = std::fs::read_to_string(dir.join("keys/fleet.pub")).unwrap();
     let port = e2e::free_port();
+    let base = e2e::offline_edge_config("cam1", &[], &public, &files.path("strip.edgepkg"), "");
     let config = format!(
-        r#"[device]
-id = "cam1"
-site = "test"
-line = "line1"
-
-[storage]
-dir = "state"
-
-[models]
-trusted_keys = ["{public}"]
-factory = "{factory}"
-
+        r#"{base}
 [http]
 listen = "127.0.0.1:{port}"
 
@@ -84,8 +59,6 @@ min_score = 0.15
 labelers = {{ anna = "{TOKEN}", ben = "ben-fedcba9876543210" }}
 pass_rate = 1.0
 "#,
-        public = public.trim(),
-        factory = dir.join("strip.edgepkg").display(),
     );
     let edge = Edge::start(dir, "cam1", &config);
     let base = format!("http://127.0.0.1:{port}");
@@ -242,19 +215,18 @@ fn labeling_api_refuses_bad_requests_and_exports_voc() {
     assert_eq!(put(huge.as_bytes()).0, 413);
     let (s, b) = put(b"{\"boxes\": [");
     assert_eq!(s, 400, "{}", reason(&b));
-    let (s, b) = put(br#"{"boxes": [{"class": "dents", "bbox": [1, 1, 9, 9]}]}"#);
-    assert_eq!(s, 422);
-    assert!(
-        reason(&b).contains("\"dents\" is not one of"),
-        "{}",
-        reason(&b)
+    let unprocessable = |body: &[u8], why: &str| {
+        let (s, b) = put(body);
+        assert_eq!(s, 422, "{}", reason(&b));
+        assert!(reason(&b).contains(why), "{}", reason(&b));
+    };
+    unprocessable(
+        br#"{"boxes": [{"class": "dents", "bbox": [1, 1, 9, 9]}]}"#,
+        "\"dents\" is not one of",
     );
-    let (s, b) = put(br#"{"boxes": [{"class": "scratches", "bbox": [300, 10, 500, 90]}]}"#);
-    assert_eq!(s, 422);
-    assert!(
-        reason(&b).contains("outside the 400x200 frame"),
-        "{}",
-        reason(&b)
+    unprocessable(
+        br#"{"boxes": [{"class": "scratches", "bbox": [300, 10, 500, 90]}]}"#,
+        "outside the 400x200 frame",
     );
     let (s, b) = put(br#"{"boxes": []}"#);
     assert_eq!(s, 422);
@@ -279,26 +251,18 @@ fn labeling_api_refuses_bad_requests_and_exports_voc() {
         br#"{"boxes": [{"class": "scratches", "bbox": [10, 20, 110, 60]}, {"class": "patches", "bbox": [200.4, 0, 400, 199.6]}]}"#,
     );
     assert_eq!(s, 200, "{}", reason(&b));
-    assert_eq!(
+    // Discarding an item: gone, and a second discard finds nothing.
+    let discard = || {
         call(
             "DELETE",
             &api(&format!("/items/{}", ids[2])),
             Some(TOKEN),
-            None
+            None,
         )
-        .0,
-        204
-    );
-    assert_eq!(
-        call(
-            "DELETE",
-            &api(&format!("/items/{}", ids[2])),
-            Some(TOKEN),
-            None
-        )
-        .0,
-        404
-    );
+        .0
+    };
+    assert_eq!(discard(), 204);
+    assert_eq!(discard(), 404);
     let (_, b) = call("GET", &api("/config"), Some(TOKEN), None);
     let c: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use e2e::{Broker, Edge, Watcher, edge_config, run, run_ok};
+use e2e::{Broker, Edge, Fixtures, Watcher, edge_config, run, run_ok};
 use protocol::Status;
 use protocol::messages::{Chunk, Message, Report, ReportState, transfer_id};
 use protocol::package::{Manifest, Package, read_signing_key};
@@ -15,17 +15,17 @@ use protocol::package::{Manifest, Package, read_signing_key};
 const T: Duration = Duration::from_secs(60);
 
 struct Fixture {
-    dir: PathBuf,
+    files: Fixtures,
     fleet_pub: String,
     fleet_key: PathBuf,
 }
 
 impl Fixture {
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.files.path(name)
     }
     fn p(&self, name: &str) -> String {
-        self.path(name).display().to_string()
+        self.files.p(name)
     }
 }
 
@@ -33,88 +33,35 @@ impl Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("rollout-fixture")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        let d = |n: &str| dir.join(n).display().to_string();
-        run_ok(
-            "trainer",
-            &["keygen", "--out", &d("keys"), "--name", "fleet"],
-        );
-        run_ok(
-            "trainer",
-            &["keygen", "--out", &d("keys"), "--name", "rogue"],
-        );
-        run_ok(
-            "trainer",
-            &[
-                "synth",
-                "--out",
-                &d("synth"),
-                "--per-class",
-                "1",
-                "--seed",
-                "3",
-            ],
-        );
-        let golden: Vec<PathBuf> = ["crazing_1.jpg", "scratches_1.jpg"]
-            .iter()
-            .map(|n| dir.join("synth/images").join(n))
-            .collect();
-        let g: Vec<String> = golden.iter().map(|p| p.display().to_string()).collect();
-        for (name, size, seed) in [
-            ("m1", "nano", "0"),
-            ("m2", "nano", "1"),
-            ("m3", "edge", "2"),
-        ] {
-            run_ok(
-                "trainer",
-                &[
-                    "init-model",
-                    "--size",
-                    size,
-                    "--seed",
-                    seed,
-                    "--out",
-                    &d(&format!("{name}.safetensors")),
-                ],
-            );
-        }
-        let package = |model: &str, version: &str, key: &str, out: &str| {
-            run_ok(
-                "trainer",
-                &[
-                    "package",
-                    "--model",
-                    &d(model),
-                    "--key",
-                    &d(key),
-                    "--version",
-                    version,
-                    "--golden",
-                    &g[0],
-                    "--golden",
-                    &g[1],
-                    "--golden-min-score",
-                    "0.05",
-                    "--out",
-                    &d(out),
-                ],
+        let files = Fixtures::new("rollout-fixture");
+        let fleet_pub = files.keygen("fleet");
+        files.keygen("rogue");
+        files.synth(1, 3);
+        let golden = [
+            files.golden("crazing_1.jpg"),
+            files.golden("scratches_1.jpg"),
+        ];
+        let golden: Vec<&Path> = golden.iter().map(PathBuf::as_path).collect();
+        let m1 = files.init_model("m1", "nano", 0);
+        let m2 = files.init_model("m2", "nano", 1);
+        let m3 = files.init_model("m3", "edge", 2);
+        let package = |model: &Path, version: u64, key: &str, out: &str| {
+            e2e::package_with(
+                model,
+                &files.path(key),
+                version,
+                &golden,
+                &["--golden-min-score", "0.05"],
+                &files.path(out),
             );
         };
-        package("m1.safetensors", "1", "keys/fleet.key", "v1.edgepkg");
-        package("m2.safetensors", "2", "keys/fleet.key", "v2.edgepkg");
-        package("m3.safetensors", "3", "keys/fleet.key", "v3-big.edgepkg");
-        package("m2.safetensors", "2", "keys/rogue.key", "rogue-v2.edgepkg");
-        let fleet_pub = std::fs::read_to_string(dir.join("keys/fleet.pub"))
-            .expect("fleet.pub")
-            .trim()
-            .to_string();
+        package(&m1, 1, "keys/fleet.key", "v1.edgepkg");
+        package(&m2, 2, "keys/fleet.key", "v2.edgepkg");
+        package(&m3, 3, "keys/fleet.key", "v3-big.edgepkg");
+        package(&m2, 2, "keys/rogue.key", "rogue-v2.edgepkg");
         Fixture {
-            fleet_key: dir.join("keys/fleet.key"),
-            dir,
+            fleet_key: files.path("keys/fleet.key"),
+            files,
             fleet_pub,
         }
     })
