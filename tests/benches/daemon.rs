@@ -1,4 +1,4 @@
-//! Daemon throughput, latency, drops and memory: `scripts/bench-daemon`.
+//! Daemon throughput, latency, drops and memory: `scripts/bench/daemon`.
 //!
 //! The real `edge run` process against a loopback mosquitto, replaying JPEG frames from a folder:
 //! - 224x224 frames (one model input each) and 2048x1024 line-scan frames (tiled, 224-px tiles

@@ -1,4 +1,4 @@
-//! Rollout delivery benchmark over a loopback mosquitto: `scripts/bench-rollout`.
+//! Rollout delivery benchmark over a loopback mosquitto: `scripts/bench/rollout`.
 //!
 //! For an edge-size (~22 MB) and a Swin-T-size (~115 MB) package: time from offer to "staged"
 //! (every chunk in, digest verified, package on disk) and to "activated" (self-test passed),

@@ -297,7 +297,7 @@ fn http_health_metrics_verdicts_and_frames() {
     assert_eq!(get(&format!("{base}/api/verdicts?limit=0")).0, 400);
 }
 
-/// A detector trained on the synthetic NEU-style drawing (`scripts/train-strip-model`) judges a
+/// A detector trained on the synthetic NEU-style drawing (`scripts/fixtures/train-strip-model`) judges a
 /// synthetic strip; the strip's own ground truth, regenerated here from the same seed, says
 /// which frames carry a defect. The verdict sequence must agree with it, and the boxes of the
 /// failed frames must land on the defects.

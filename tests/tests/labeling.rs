@@ -2,7 +2,8 @@
 //! process) inspects a synthetic strip with a model trained on it and queues frames for review;
 //! the API refuses what it must; headless Chromium (Debian's `chromium` + `chromium-driver`,
 //! installed by `.ci/run`) signs in, opens the queue, draws a box, picks a class, looks at the
-//! heat map, saves; the export (tar, NEU-DET VOC layout) carries exactly that box.
+//! heat map, saves; the export (tar, NEU-DET VOC layout) carries exactly that box. One file: the
+//! API and the page are tested against the same running daemon.
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -1,7 +1,8 @@
 //! Model rollout over a real mosquitto broker to real `edge` daemons: the happy path, refusals
 //! (wrong key, corrupted, truncated, too large, downgrade, replayed command), repair and resume
 //! (flipped chunk, dead publisher, broker restart, edge SIGKILL), self-test failure, crash-loop
-//! rollback, rollback command, canary halt, TLS with client certificates and passwords.
+//! rollback, rollback command, canary halt, TLS with client certificates and passwords. One file:
+//! the scenarios share one fixture (keys, models, packages) and one rig.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,5 +1,6 @@
 //! `trainer compress`: structured channel pruning of the Swin MLPs to a FLOPs target, and INT8
-//! weights with a per-layer sensitivity scan.
+//! weights with a per-layer sensitivity scan. One file because the three pruning kinds (MLP
+//! channels, neck and head channels, attention heads) share the tensor surgery below.
 //!
 //! Pruning removes hidden channels of every block's MLP (fc1 output columns, fc1 bias entries,
 //! fc2 input rows): the result is a smaller network whose config records the per-block widths

@@ -3,7 +3,8 @@
 //! (or a real one, `--data`); SimCLR pretraining; few-shot fine-tuning; evaluation; INT8
 //! compression; a signed package rolled out over MQTT to a real `edge` daemon that inspects a
 //! synthetic line-scan strip and publishes a verdict per frame, printed here as they arrive;
-//! then a summary checked against the strip's own ground truth.
+//! then a summary checked against the strip's own ground truth. One file: it is one flow, stage by
+//! stage, read in the order it runs.
 //!
 //! Every stage is the real command (`trainer pretrain`, `finetune`, ...), run as a child process
 //! of this binary, so what the demo prints is what a user of those commands sees.

@@ -1,7 +1,7 @@
 //! Detection metrics: VOC mAP@0.5 with all-point interpolation (the PASCAL VOC devkit's
 //! algorithm since 2010) and COCO mAP@[.5:.95] (101-point, as pycocotools computes it), per
 //! class, with the precision-recall curves. Both are checked against the reference
-//! implementations on a committed fixture (`scripts/make_map_fixture.py`).
+//! implementations on a committed fixture (`scripts/fixtures/make_map_fixture.py`).
 //!
 //! Boxes are continuous coordinates (no "+1 pixel"). Difficult ground truth is neither a miss
 //! nor a match: in VOC a detection that hits it is ignored, in COCO it is a crowd region.

@@ -1,5 +1,5 @@
 //! mAP against the reference implementations (VOC devkit algorithm, pycocotools), on the
-//! fixture written by `scripts/make_map_fixture.py`: equal to 1e-6.
+//! fixture written by `scripts/fixtures/make_map_fixture.py`: equal to 1e-6.
 
 use serde_json::Value;
 use trainer::eval::{GroundTruth, Prediction, evaluate};

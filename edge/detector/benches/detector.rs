@@ -1,5 +1,5 @@
 //! Forward-pass timing of the Swin backbone and the full detector on the default backend.
-//! Prints one JSON object per line; `scripts/bench-detector` runs it beside PyTorch and ONNX
+//! Prints one JSON object per line; `scripts/bench/detector` runs it beside PyTorch and ONNX
 //! Runtime and prints the ratios. Threads: `RAYON_NUM_THREADS` (the script sets 2).
 
 // Every tensor op allocates; mimalloc keeps freed blocks for reuse instead of returning them

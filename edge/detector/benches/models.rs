@@ -1,4 +1,4 @@
-//! Latency and size of detector model files on the CPU backend: `scripts/bench-compress`.
+//! Latency and size of detector model files on the CPU backend: `scripts/bench/compress`.
 //! For each file: parameters, bytes on disk, weight storage, GFLOPs, median forward time at batch
 //! 1 and 8 (224x224, random pixels; the models take turns, one forward each), and the speed-up
 //! over the first file, in the same run.

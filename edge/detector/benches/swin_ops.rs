@@ -1,6 +1,6 @@
 //! Where the Swin backbone's time goes on the default backend: the primitive operations of one
 //! block, timed at each stage's shape of the edge model (224x224, batch from `--batch`, default 1)
-//! and multiplied by the blocks per stage. Run by `scripts/bench-detector --breakdown`.
+//! and multiplied by the blocks per stage. Run by `scripts/bench/detector --breakdown`.
 
 // Every tensor op allocates; mimalloc keeps freed blocks for reuse instead of returning them
 // to the kernel, which saves page faults on every forward pass.

@@ -25,7 +25,7 @@ use super::int8::Int8Conv;
 #[derive(Config, Debug, PartialEq)]
 pub struct HeadConfig {
     /// Channels of every pyramid level and of the head towers. 64 keeps the head's cost under
-    /// half the edge backbone's at 224 (`scripts/bench-detector`); 96 doubled it.
+    /// half the edge backbone's at 224 (`scripts/bench/detector`); 96 doubled it.
     #[config(default = 64)]
     pub dim: usize,
     /// 3x3 conv + GroupNorm + ReLU layers in each of the class and box towers.

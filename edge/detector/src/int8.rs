@@ -1,4 +1,6 @@
-//! INT8 compute for quantized models on the CPU: a GEMM with 32-bit integer accumulation.
+//! INT8 compute for quantized models on the CPU: a GEMM with 32-bit integer accumulation. One
+//! file: the packing, the AVX2 kernel and the portable reference it is tested against belong
+//! together.
 //!
 //! burn 0.22's quantized matmul on its CPU backend dequantizes and multiplies in float, so
 //! INT8 weights alone save bytes but not time. Here a Linear layer of a quantized model file

@@ -1,5 +1,6 @@
 //! Swin Transformer backbone: a port of timm 1.0.x `SwinTransformer` (NHWC layout, same
-//! parameter names as timm's state_dict so that a checkpoint loads by a plain mapping).
+//! One model, one file (as candle-transformers keeps them): config, window helpers, attention,
+//! blocks and stages read top to bottom beside timm's `swin_transformer.py`.
 //!
 //! Windows and shifts are fixed when the network is built, from `SwinConfig::img_size`, with
 //! timm's rule: a stage whose resolution is not larger than the window uses the whole stage as

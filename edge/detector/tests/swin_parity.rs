@@ -1,5 +1,5 @@
 //! The Swin backbone against timm: random weights and reference outputs written by
-//! `scripts/make_swin_fixture.py`; every stage and the final features must agree to 1e-4.
+//! `scripts/fixtures/make_swin_fixture.py`; every stage and the final features must agree to 1e-4.
 
 use std::path::{Path, PathBuf};
 
@@ -132,7 +132,7 @@ fn small_swin_matches_timm_explicit_attention() {
 }
 
 /// swin_tiny at 224 (28 M parameters, not committed): generate with
-/// `python scripts/make_swin_fixture.py --tiny --out DIR`, then
+/// `python scripts/fixtures/make_swin_fixture.py --tiny --out DIR`, then
 /// `SWIN_TINY_FIXTURE=DIR cargo test --release -p edge --test swin_parity -- --ignored`.
 #[test]
 #[ignore = "needs SWIN_TINY_FIXTURE, a fixture generated locally"]

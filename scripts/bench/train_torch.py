@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The PyTorch side of scripts/bench-train: a training step (forward, loss, backward, AdamW) of
+"""The PyTorch side of scripts/bench/train: a training step (forward, loss, backward, AdamW) of
 our edge detector's exact architecture (EdgeDetector from bench_ort_int8.py: timm Swin embed 48,
 depths 2-2-2-2 + the FPN neck and FCOS-style head), batch B at 224x224, same thread count.
 Loss: sigmoid focal loss on the class logits + L1 on the log box distances (the cost of a loss is

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The same Swin backbones in PyTorch eager and ONNX Runtime, at the same thread count, for
-scripts/bench-detector. Prints one JSON object per line. Needs: pip install torch timm onnx onnxruntime
+scripts/bench/detector. Prints one JSON object per line. Needs: pip install torch timm onnx onnxruntime
 (ONNX Runtime is skipped with a note when it is not installed)."""
 import argparse
 import json
