@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from bench_ort_int8 import EdgeDetector
+from ort_int8 import EdgeDetector
 
 
 def focal(logits, targets, alpha=0.25, gamma=2.0):
@@ -28,28 +28,37 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="autocast forward and backward to bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = EdgeDetector().train()
+    dev = torch.device(args.device)
+    model = EdgeDetector().train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
-    x = torch.randn(args.batch, 3, 224, 224)
+    x = torch.randn(args.batch, 3, 224, 224, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
     with torch.no_grad():
         cls, box = model(x)
     targets = (torch.rand_like(cls) > 0.995).float()
     box_targets = torch.rand_like(box) * 64 + 1
     times = []
     for step in range(args.steps + 2):
+        sync()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        cls, box = model(x)
+        with autocast():
+            cls, box = model(x)
+        cls, box = cls.float(), box.float()
         loss = focal(cls, targets) + (box.log() - box_targets.log()).abs().mean()
         loss.backward()
         opt.step()
+        sync()
         if step >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    print(json.dumps(dict(impl="pytorch", torch=torch.__version__, threads=args.threads, batch=args.batch,
+    print(json.dumps(dict(impl="pytorch", torch=torch.__version__, device=args.device, bf16=args.bf16, threads=args.threads, batch=args.batch,
                           steps=args.steps, step_ms=round(med * 1e3, 1),
                           images_per_second=round(args.batch / med, 2),
                           images_per_second_mean=round(args.batch * len(times) / sum(times), 2))))

@@ -16,22 +16,82 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// Why a device cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("device `{0}` is not compiled into this build: rebuild with `--features {0}`")]
-pub struct DeviceUnavailable(&'static str);
+pub enum DeviceUnavailable {
+    #[error("device `{0}` is not compiled into this build: rebuild with `--features {0}`")]
+    NotCompiled(&'static str),
+    /// The backend is compiled in but could not start (no driver, no GPU).
+    #[error("device `{device}` could not start: {reason}{hint}")]
+    NoStart {
+        device: &'static str,
+        reason: String,
+        hint: &'static str,
+    },
+}
 
 impl DeviceChoice {
+    /// The device, started and checked with one small computation: a GPU backend without a
+    /// driver or a GPU is an error naming what is missing, not a panic later.
     pub fn device(self) -> Result<Device, DeviceUnavailable> {
         match self {
             DeviceChoice::Flex => Ok(Device::flex()),
             #[cfg(feature = "wgpu")]
-            DeviceChoice::Wgpu => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
+            DeviceChoice::Wgpu => probe("wgpu", "", || Device::wgpu(DeviceKind::DefaultDevice)),
             #[cfg(not(feature = "wgpu"))]
-            DeviceChoice::Wgpu => Err(DeviceUnavailable("wgpu")),
+            DeviceChoice::Wgpu => Err(DeviceUnavailable::NotCompiled("wgpu")),
             #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda => Ok(Device::cuda(0)),
+            DeviceChoice::Cuda => probe(
+                "cuda",
+                " (needs the NVIDIA driver's libcuda.so.1 and an NVIDIA GPU; on JetPack 6 set CUDARC_CUDA_VERSION=12060)",
+                || Device::cuda(0),
+            ),
             #[cfg(not(feature = "cuda"))]
-            DeviceChoice::Cuda => Err(DeviceUnavailable("cuda")),
+            DeviceChoice::Cuda => Err(DeviceUnavailable::NotCompiled("cuda")),
+        }
+    }
+}
+
+/// Starts a GPU device and runs one tiny computation on it. The backends panic when the driver
+/// or the device is missing; the panic is caught (its message kept, its backtrace not printed)
+/// and becomes [`DeviceUnavailable::NoStart`].
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn probe(
+    device: &'static str,
+    hint: &'static str,
+    start: impl FnOnce() -> Device + std::panic::UnwindSafe,
+) -> Result<Device, DeviceUnavailable> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = std::panic::catch_unwind(|| {
+        let d = start();
+        let sum: f32 = Tensor::<1>::ones([4], &d).sum().into_scalar();
+        (d, sum)
+    });
+    std::panic::set_hook(quiet);
+    match started {
+        Ok((d, sum)) => {
+            if (sum - 4.0).abs() < 1e-3 {
+                Ok(d)
+            } else {
+                Err(DeviceUnavailable::NoStart {
+                    device,
+                    reason: format!("a test sum of four ones gave {sum}"),
+                    hint,
+                })
+            }
+        }
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend panicked".into());
+            Err(DeviceUnavailable::NoStart {
+                device,
+                reason: reason.lines().next().unwrap_or_default().to_string(),
+                hint,
+            })
         }
     }
 }

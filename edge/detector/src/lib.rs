@@ -12,6 +12,7 @@ pub mod int8;
 pub mod kernels;
 pub mod loss;
 pub mod nms;
+pub mod parity;
 pub mod preprocess;
 pub mod quant;
 pub mod saliency;

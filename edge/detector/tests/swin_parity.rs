@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use edge_detector::{AttentionImpl, SwinConfig};
-use safetensors::SafeTensors;
+use edge_detector::AttentionImpl;
 
 /// The device the parity checks run on: Flex unless `EDGE_TEST_DEVICE` names another compiled
 /// in (`EDGE_TEST_DEVICE=wgpu cargo test --features wgpu ...`), so GPUs get the same check.
@@ -22,85 +21,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tensor<const D: usize>(file: &SafeTensors, key: &str, device: &Device) -> Tensor<D> {
-    let view = file
-        .tensor(key)
-        .unwrap_or_else(|e| panic!("reference {key}: {e}"));
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let shape: [usize; D] = view.shape().try_into().expect("rank");
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).abs().max().into_scalar::<f32>()
-}
-
 /// Runs the parity check on a fixture folder, returning the largest difference per output.
 fn parity(dir: &Path, attention: AttentionImpl) -> Vec<(String, f32)> {
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let list = |k: &str| -> Vec<usize> {
-        cfg[k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect()
-    };
-    let img = list("img_size");
-    let config = SwinConfig::new()
-        .with_img_size([img[0], img[1]])
-        .with_embed_dim(cfg["embed_dim"].as_u64().unwrap() as usize)
-        .with_depths(list("depths"))
-        .with_num_heads(list("num_heads"))
-        .with_window_size(cfg["window_size"].as_u64().unwrap() as usize);
-    let device = test_device();
-    let mut model = config.init(&device);
-    model.set_attention_impl(attention);
-
-    // The window plan (window and shift per block) must be timm's.
-    let plan: Vec<Vec<([usize; 2], [usize; 2])>> = cfg["window_plan"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|stage| {
-            stage
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| {
-                    let v = |i: usize, j: usize| b[i][j].as_u64().unwrap() as usize;
-                    ([v(0, 0), v(0, 1)], [v(1, 0), v(1, 1)])
-                })
-                .collect()
-        })
-        .collect();
-    assert_eq!(
-        model.window_plan(),
-        plan,
-        "window/shift plan differs from timm"
-    );
-
-    model
-        .load_timm(dir.join("weights.safetensors"))
-        .expect("load timm weights");
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let reference = SafeTensors::deserialize(&bytes).unwrap();
-    let input: Tensor<4> = tensor(&reference, "input", &device);
-    let features = model.forward(input);
-    let mut diffs = Vec::new();
-    for (i, stage) in features.stages.into_iter().enumerate() {
-        let expected: Tensor<4> = tensor(&reference, &format!("stage{i}"), &device);
-        diffs.push((format!("stage{i}"), max_abs_diff(stage, expected)));
-    }
-    let expected: Tensor<4> = tensor(&reference, "final", &device);
-    diffs.push(("final".into(), max_abs_diff(features.last_normed, expected)));
-    diffs
+    edge_detector::parity::timm_parity(dir, &test_device(), attention)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn assert_within(diffs: &[(String, f32)], tolerance: f32) {
@@ -133,7 +57,7 @@ fn small_swin_matches_timm_explicit_attention() {
 
 /// swin_tiny at 224 (28 M parameters, not committed): generate with
 /// `python scripts/fixtures/make_swin_fixture.py --tiny --out DIR`, then
-/// `SWIN_TINY_FIXTURE=DIR cargo test --release -p edge --test swin_parity -- --ignored`.
+/// `SWIN_TINY_FIXTURE=DIR cargo test --release -p edge-detector --test swin_parity -- --ignored`.
 #[test]
 #[ignore = "needs SWIN_TINY_FIXTURE, a fixture generated locally"]
 fn tiny_swin_matches_timm() {

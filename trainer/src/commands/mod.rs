@@ -2,6 +2,7 @@
 //! `run`; [`run`] dispatches.
 
 pub mod compress;
+pub mod device_check;
 pub mod eval;
 pub mod finetune;
 pub mod init_model;
@@ -9,6 +10,7 @@ pub mod keygen;
 pub mod package;
 pub mod pretrain;
 pub mod publish;
+pub mod resign;
 pub mod rollback;
 pub mod synth;
 
@@ -96,6 +98,8 @@ pub enum Command {
     /// recover with `finetune --init OUT`), and/or store weights as INT8 after a per-layer
     /// sensitivity scan.
     Compress(compress::Args),
+    /// Sign a package again with another key (key rotation); manifest and weights unchanged.
+    Resign(resign::Args),
     /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
     /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
     Publish(publish::Args),
@@ -114,6 +118,9 @@ pub enum Command {
     /// Fine-tune the detector on a VOC / NEU-DET folder, or on the frames labeled on an edge's
     /// review page (--from-edge); writes a run folder.
     Finetune(finetune::Args),
+    /// Check a device against the CPU: timm parity, a model's detections and verdicts, and its
+    /// frames per second at several batch sizes (JSON report).
+    DeviceCheck(device_check::Args),
     /// Evaluate a model file on a dataset's validation split (or all of it): mAP, per-class AP,
     /// PR curves (PNG), JSON and Markdown report.
     Eval(eval::Args),
@@ -129,10 +136,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Package(args) => package::run(args, &device),
         Command::Compress(args) => compress::run(args, &device),
         Command::Publish(args) => publish::run(args),
+        Command::Resign(args) => resign::run(args),
         Command::Rollback(args) => rollback::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Pretrain(args) => pretrain::run(args, &device),
         Command::Finetune(args) => finetune::run(args, &device),
+        Command::DeviceCheck(args) => device_check::run(args, &device),
         Command::Eval(args) => eval::run(args, &device),
     }
 }
