@@ -244,6 +244,15 @@ impl Package {
         Self::from_bytes(bytes, &path.display().to_string())
     }
 
+    /// The same package (manifest and weights byte for byte) signed by `key` instead: key
+    /// rotation. Check the old signature first where the old key is known.
+    pub fn resigned(self, key: &SigningKey) -> Package {
+        Package {
+            signature: sign(key, &self.manifest_bytes),
+            ..self
+        }
+    }
+
     pub fn write(&self, path: &Path) -> Result<(), ProtocolError> {
         write_atomic(path, &self.to_bytes())
     }
@@ -443,6 +452,21 @@ mod tests {
             golden: vec![],
             golden_tolerance: GoldenTolerance::default(),
         }
+    }
+
+    #[test]
+    fn a_resigned_package_verifies_with_the_new_key_only() {
+        let (old, new) = (
+            SigningKey::from_bytes(&[3; 32]),
+            SigningKey::from_bytes(&[5; 32]),
+        );
+        let weights = b"weights".to_vec();
+        let pkg = Package::build(&manifest_for(&weights, 2), weights, &old).unwrap();
+        let resigned = pkg.clone().resigned(&new);
+        assert_eq!(resigned.manifest_bytes, pkg.manifest_bytes);
+        assert_eq!(resigned.weights, pkg.weights);
+        assert_eq!(resigned.verify(&[new.verifying_key()]).unwrap().version, 2);
+        assert!(resigned.verify(&[old.verifying_key()]).is_err());
     }
 
     #[test]
