@@ -60,8 +60,10 @@ enum Command {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // cubecl logs a GPU backend that fails to start; the error says it once.
+                tracing_subscriber::EnvFilter::new("info,cubecl_common=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             // rumqttd (the demo's broker) logs every connection at info.
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn,cubecl_common=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

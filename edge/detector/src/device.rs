@@ -61,8 +61,18 @@ fn probe(
     hint: &'static str,
     start: impl FnOnce() -> Device + std::panic::UnwindSafe,
 ) -> Result<Device, DeviceUnavailable> {
+    // The backend may panic on its own device thread (the first message, e.g. "Unable to
+    // dynamically load the cuda shared library", is the reason) and then on this one.
+    let first = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    {
+        let first = first.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut first) = first.lock() {
+                first.get_or_insert_with(|| info.payload_as_str().unwrap_or("").to_string());
+            }
+        }));
+    }
     let started = std::panic::catch_unwind(|| {
         let d = start();
         let sum: f32 = Tensor::<1>::ones([4], &d).sum().into_scalar();
@@ -81,15 +91,17 @@ fn probe(
                 })
             }
         }
-        Err(panic) => {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        Err(_) => {
+            let first = first.lock().ok().and_then(|mut f| f.take());
+            let reason = first
+                .filter(|m| !m.is_empty())
                 .unwrap_or_else(|| "the backend panicked".into());
+            // One line: the backends append long lists (every library name they tried).
+            let reason = reason.lines().next().unwrap_or_default();
+            let reason = reason.split(" - searched").next().unwrap_or(reason);
             Err(DeviceUnavailable::NoStart {
                 device,
-                reason: reason.lines().next().unwrap_or_default().to_string(),
+                reason: reason.to_string(),
                 hint,
             })
         }
