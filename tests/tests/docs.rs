@@ -125,6 +125,44 @@ fn every_quick_start_command_exists() {
     }
 }
 
+/// Every script that starts with `cd "$(dirname "$0")/..."` must land on the repository root
+/// (a script moved to another folder depth and not edited would run from the wrong place).
+#[test]
+fn every_script_changes_to_the_repository_root() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("readable folder") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let root = root().canonicalize().expect("root");
+    let mut scripts = vec![root.join(".ci/run")];
+    walk(&root.join("scripts"), &mut scripts);
+    let marker = "cd \"$(dirname \"$0\")/";
+    let mut checked = 0;
+    for script in scripts {
+        let Ok(text) = std::fs::read_to_string(&script) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.trim_start().starts_with(marker)) {
+            let relative = line.trim_start()[marker.len()..].trim_end_matches('"');
+            let target = script.parent().expect("folder").join(relative);
+            assert_eq!(
+                target.canonicalize().ok(),
+                Some(root.clone()),
+                "{}: `{line}` does not reach the repository root",
+                script.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} scripts checked");
+}
+
 #[test]
 fn no_document_tells_the_history_of_its_making() {
     let mut notes = vec![];
