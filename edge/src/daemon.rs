@@ -191,11 +191,11 @@ impl Daemon {
             self.models.active(),
             self.stats.clone(),
             move |d: Decision| {
-                let Some(verdict) = recorder.record(&d) else {
+                let Some((verdict, frame)) = recorder.record(d) else {
                     return;
                 };
                 if let Some(review) = &review
-                    && let Err(e) = review.consider(&verdict, &d.frame.image)
+                    && let Err(e) = review.consider(&verdict, &frame)
                 {
                     tracing::error!("review queue: frame {}: {e}", verdict.id);
                 }

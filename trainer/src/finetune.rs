@@ -459,36 +459,30 @@ pub fn run(
         }
         let last = state.epoch >= config.epochs || state.step >= total_steps;
         if ((epoch_done && state.epoch % config.eval_every.max(1) == 0) || last) && !stopped {
-            let mut raw_detector = detector.valid();
-            raw_detector.config.score_threshold = 0.01;
-            let raw_report = evaluate_samples(&raw_detector, &val, config.batch_size)?;
-            tracing::info!(
-                "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}{}",
-                state.epoch,
-                raw_report.map50,
-                raw_report.map50_95,
-                if average.is_some() {
-                    " (raw weights)"
-                } else {
-                    ""
-                }
-            );
             // With a weight average, the average is the run's model; the raw weights' scores
             // are kept beside it.
+            let evaluate = |model: Detector, which: &str| -> Result<(Detector, EvalReport)> {
+                let mut model = model;
+                model.config.score_threshold = 0.01;
+                let report = evaluate_samples(&model, &val, config.batch_size)?;
+                tracing::info!(
+                    "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}{which}",
+                    state.epoch,
+                    report.map50,
+                    report.map50_95
+                );
+                Ok((model, report))
+            };
             let (mut eval_detector, report, raw) = match &average {
                 Some(average) => {
-                    let mut eval_detector = average.clone();
-                    eval_detector.config.score_threshold = 0.01;
-                    let report = evaluate_samples(&eval_detector, &val, config.batch_size)?;
-                    tracing::info!(
-                        "epoch {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4} (weight average)",
-                        state.epoch,
-                        report.map50,
-                        report.map50_95
-                    );
-                    (eval_detector, report, Some(raw_report))
+                    let (_, raw) = evaluate(detector.valid(), " (raw weights)")?;
+                    let (model, report) = evaluate(average.clone(), " (weight average)")?;
+                    (model, report, Some(raw))
                 }
-                None => (raw_detector, raw_report, None),
+                None => {
+                    let (model, report) = evaluate(detector.valid(), "")?;
+                    (model, report, None)
+                }
             };
             writeln!(
                 metrics,

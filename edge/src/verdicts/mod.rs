@@ -6,6 +6,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+use image::GrayImage;
 use protocol::Verdict;
 
 use crate::capture::now_ms;
@@ -21,9 +22,9 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Stores the verdict for `d` (with its frame, per `[store]`) and returns it; `None` when it
-    /// could not be stored (logged).
-    pub fn record(&self, d: &Decision) -> Option<Verdict> {
+    /// Stores the verdict for `d` (with its frame, per `[store]`) and returns it with the frame;
+    /// `None` when it could not be stored (logged).
+    pub fn record(&self, d: Decision) -> Option<(Verdict, GrayImage)> {
         let id = match self.store.next_id() {
             Ok(id) => id,
             Err(e) => {
@@ -36,15 +37,15 @@ impl Recorder {
             device: self.device.clone(),
             frame: d.frame.seq,
             line: d.frame.line,
-            origin: d.frame.origin.clone(),
+            origin: d.frame.origin,
             width: d.frame.image.width(),
             height: d.frame.image.height(),
             captured_ms: d.frame.captured_ms,
             decided_ms: now_ms(),
             latency_ms: d.latency_ms,
             pass: d.pass,
-            defects: d.defects.clone(),
-            model: d.model.clone(),
+            defects: d.defects,
+            model: d.model,
         };
         if let Err(e) = self.store.record(&verdict, &d.frame.image) {
             tracing::error!("verdict {} not stored: {e}", verdict.id);
@@ -57,6 +58,6 @@ impl Recorder {
             tracing::error!("retention: {e}");
         }
         self.outbox.notify_one();
-        Some(verdict)
+        Some((verdict, d.frame.image))
     }
 }
