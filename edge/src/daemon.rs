@@ -19,7 +19,7 @@ use crate::pipeline::{BoundedQueue, Decision, Inspection, PipelineStats};
 use crate::serve::HttpServer;
 use crate::serve::http::AppState;
 use crate::serve::labeling::LabelingState;
-use crate::serve::metrics::{Metrics, ResultLabel};
+use crate::serve::metrics::{CauseLabel, Metrics, ResultLabel};
 use crate::serve::review::ReviewQueue;
 use crate::verdicts::Recorder;
 use crate::verdicts::outbox::Outbox;
@@ -190,17 +190,19 @@ impl Daemon {
             self.config.rules.clone(),
             self.models.active(),
             self.stats.clone(),
-            move |d: Decision| {
+            Arc::new(move |d: Decision| {
                 let Some((verdict, frame)) = recorder.record(d) else {
+                    metrics.verdicts_lost.inc();
                     return;
                 };
                 if let Some(review) = &review
+                    && verdict.undecided.is_none()
                     && let Err(e) = review.consider(&verdict, &frame)
                 {
                     tracing::error!("review queue: frame {}: {e}", verdict.id);
                 }
                 count_and_log(&metrics, &verdict);
-            },
+            }),
         )?;
         *self.queue.lock().expect("lock") = Some(inspection.queue.clone());
         Ok(inspection)
@@ -215,6 +217,7 @@ impl Daemon {
             queue: self.queue.clone(),
             review: self.review.clone(),
             has_source: self.config.source.is_some(),
+            watchdog_ms: self.config.pipeline.watchdog_ms,
             last_scrape: Arc::new(Mutex::new((Instant::now(), 0))),
         }
     }
@@ -233,11 +236,33 @@ impl Daemon {
 }
 
 fn count_and_log(metrics: &Metrics, verdict: &Verdict) {
-    let result = if verdict.pass { "pass" } else { "fail" };
+    let result = verdict.result();
     metrics
         .verdicts
         .get_or_create(&ResultLabel { result })
         .inc();
+    if let Some(u) = &verdict.undecided {
+        metrics
+            .undecided
+            .get_or_create(&CauseLabel {
+                cause: u.cause.as_str(),
+            })
+            .inc();
+        tracing::warn!(
+            "verdict {} frame {} line {}: UNDECIDED ({}: {}) -> {}",
+            verdict.id,
+            verdict.frame,
+            verdict.line,
+            u.cause.as_str(),
+            u.reason,
+            if verdict.pass {
+                "pass (flagged)"
+            } else {
+                "reject"
+            }
+        );
+        return;
+    }
     metrics.latency.observe(verdict.latency_ms / 1e3);
     tracing::info!(
         "verdict {} frame {} line {}: {} ({} failing defects, {:.0} ms)",

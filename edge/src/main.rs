@@ -40,6 +40,8 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        #[command(flatten)]
+        trust: edge_detector::cli::PackageTrust,
     },
     /// Run the daemon: model lifecycle and updates over MQTT, as configured.
     Run {
@@ -72,6 +74,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = edge::config::EdgeConfig::load(&config)?;
+            if edge::faults::COMPILED_IN {
+                tracing::warn!(
+                    "this is a test build: fault-injection points are compiled in (build for a line with `cargo build --release -p edge`)"
+                );
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -84,17 +91,22 @@ fn main() -> Result<()> {
             model,
             images,
             batch,
+            trust,
         } => {
             let detector = match model {
-                Some(path) => Detector::load(&path, &device)?,
+                Some(path) => Detector::load_checked(
+                    &path,
+                    &trust.keys().map_err(anyhow::Error::msg)?,
+                    &device,
+                )?,
                 None => Detector::new(DetectorConfig::edge_neu(), &device)?,
             };
             for chunk in images.chunks(batch.max(1)) {
                 let decoded: Vec<image::RgbImage> = chunk
                     .iter()
                     .map(|p| {
-                        image::open(p)
-                            .with_context(|| format!("reading image {}", p.display()))
+                        edge_detector::image_io::open(p)
+                            .map_err(anyhow::Error::msg)
                             .map(|i| i.into_rgb8())
                     })
                     .collect::<Result<_>>()?;

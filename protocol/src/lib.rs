@@ -18,7 +18,7 @@ pub mod topics;
 
 pub use messages::{
     Chunk, Command, CommandAction, Complete, Defect, ModelRef, Offer, Report, ReportState,
-    SignedCommand, Status, Verdict,
+    SignedCommand, Status, Undecided, UndecidedCause, Verdict,
 };
 pub use package::{GoldenSample, Manifest, Package, SigningKey, VerifyingKey};
 pub use topics::{Target, Topics};

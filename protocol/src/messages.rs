@@ -204,8 +204,57 @@ pub struct Defect {
     pub fails: bool,
 }
 
+/// Why a frame could not be decided (a fail-safe verdict, see [`Verdict::undecided`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UndecidedCause {
+    /// The frame itself was unusable: a corrupt or truncated file, an incomplete camera buffer.
+    BadFrame,
+    /// No model was active (none installed yet, or the model was being switched).
+    NoModel,
+    /// The detector returned an error for the batch that held the frame.
+    DetectorError,
+    /// The inference thread failed (panicked) while the frame was in it; it was restarted.
+    InferenceFailed,
+    /// Shed under overload: the frame queue was full (drop-oldest policy).
+    Overload,
+    /// Not decided within `[pipeline] deadline_ms` of its capture.
+    Deadline,
+}
+
+impl UndecidedCause {
+    pub const ALL: [UndecidedCause; 6] = [
+        Self::BadFrame,
+        Self::NoModel,
+        Self::DetectorError,
+        Self::InferenceFailed,
+        Self::Overload,
+        Self::Deadline,
+    ];
+
+    /// The snake_case name used on the wire and in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadFrame => "bad_frame",
+            Self::NoModel => "no_model",
+            Self::DetectorError => "detector_error",
+            Self::InferenceFailed => "inference_failed",
+            Self::Overload => "overload",
+            Self::Deadline => "deadline",
+        }
+    }
+}
+
+/// The cause and the readable reason of an undecided frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Undecided {
+    pub cause: UndecidedCause,
+    pub reason: String,
+}
+
 /// The decision about one frame, on `.../{device}/verdict`. `id` is unique per device and
-/// increases across restarts: consumers deduplicate on (device, id).
+/// increases across restarts: consumers deduplicate on (device, id); delivery is at least once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Verdict {
@@ -226,6 +275,22 @@ pub struct Verdict {
     pub defects: Vec<Defect>,
     /// Model that judged the frame: (id, version).
     pub model: Option<(String, u64)>,
+    /// Set when the frame could not be decided: `pass` then follows the configured fail-safe
+    /// policy (`[rules] undecided`: reject by default), never the detector. Absent on decided
+    /// frames, so consumers that predate it read ordinary verdicts unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undecided: Option<Undecided>,
+}
+
+impl Verdict {
+    /// "pass", "fail" or "undecided".
+    pub fn result(&self) -> &'static str {
+        match (&self.undecided, self.pass) {
+            (Some(_), _) => "undecided",
+            (None, true) => "pass",
+            (None, false) => "fail",
+        }
+    }
 }
 
 impl Message for Verdict {

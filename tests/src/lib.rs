@@ -271,10 +271,17 @@ pub struct Edge {
     pub log: PathBuf,
     child: Option<Child>,
     starts: usize,
+    /// Extra environment for the process (e.g. `EDGE_FAULTS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Edge {
     pub fn start(dir: &Path, id: &str, config: &str) -> Edge {
+        Self::start_with_env(dir, id, config, &[])
+    }
+
+    /// [`Edge::start`] with extra environment variables (kept for restarts).
+    pub fn start_with_env(dir: &Path, id: &str, config: &str, env: &[(&str, &str)]) -> Edge {
         let root = dir.join(id);
         std::fs::create_dir_all(&root).expect("edge dir");
         let path = root.join("edge.toml");
@@ -285,6 +292,10 @@ impl Edge {
             log: root.join("edge.log"),
             child: None,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         edge.restart();
         edge
@@ -305,6 +316,7 @@ impl Edge {
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

@@ -32,9 +32,8 @@ pub fn check(
 ) -> Result<(), String> {
     for sample in golden {
         let bytes = sample.image_bytes().map_err(|e| e.to_string())?;
-        let image = image::load_from_memory(&bytes)
-            .map_err(|e| format!("golden sample {}: undecodable image: {e}", sample.name))?
-            .into_rgb8();
+        let image =
+            crate::image_io::decode(&bytes, &format!("golden sample {}", sample.name))?.into_rgb8();
         let got = detector
             .detect(&[ImageView::rgb(&image)])
             .map_err(|e| format!("golden sample {}: {e}", sample.name))?

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod device;
 pub mod golden;
 pub mod head;
+pub mod image_io;
 pub mod int8;
 pub mod kernels;
 pub mod loss;
@@ -27,7 +28,7 @@ use burn::tensor::activation::sigmoid;
 pub use head::{Detection, DetectionHead, HeadConfig, HeadOutput};
 pub use preprocess::{ImageView, InverseTransform, Preprocess, ResizeMode};
 pub use swin::{AttentionImpl, SwinConfig, SwinTransformer};
-pub use weights::{CONFIG_KEY, PRUNING_KEY};
+pub use weights::{CONFIG_KEY, FACTORY_KEY_HEX, PRUNING_KEY};
 
 /// Everything that defines a detector: stored with its weights, so a model file is
 /// self-describing.

@@ -234,13 +234,22 @@ impl Detector {
     /// edge/models/). The package's signature is not checked here: that is the daemon's job,
     /// against its trusted keys; tools that only run the model locally read the weights.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, DetectorError> {
+        Self::load_checked(path, &[], device)
+    }
+
+    /// [`Detector::load`], and a package's signature must verify against one of `trusted`
+    /// (an empty list checks the weights' digest only). Plain SafeTensors files carry no
+    /// signature and load as they are.
+    pub fn load_checked(
+        path: impl AsRef<Path>,
+        trusted: &[protocol::VerifyingKey],
+        device: &Device,
+    ) -> Result<Self, DetectorError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
         let mut bytes = read(path)?;
         if bytes.starts_with(protocol::package::MAGIC) {
-            bytes = protocol::package::Package::from_bytes(bytes, &origin)
-                .map_err(|e| bad(&origin, e.to_string()))?
-                .weights;
+            bytes = package_weights(bytes, &origin, trusted)?;
         }
         Self::from_bytes(bytes, &origin, device)
     }
@@ -289,4 +298,30 @@ impl Detector {
         }
         Ok(detector)
     }
+}
+
+/// The project's release key: the factory model in `edge/models/` is signed with it, and local
+/// tools trust it by default.
+pub const FACTORY_KEY_HEX: &str = include_str!("../../models/release.pub");
+
+/// The weights of a package file, their SHA-256 checked against the manifest always, the
+/// signature against `trusted` when it is not empty.
+fn package_weights(
+    bytes: Vec<u8>,
+    origin: &str,
+    trusted: &[protocol::VerifyingKey],
+) -> Result<Vec<u8>, DetectorError> {
+    let package = protocol::package::Package::from_bytes(bytes, origin)
+        .map_err(|e| bad(origin, e.to_string()))?;
+    if trusted.is_empty() {
+        let manifest = protocol::Manifest::from_json(&package.manifest_bytes)
+            .map_err(|e| bad(origin, e.to_string()))?;
+        protocol::package::check_weights(&manifest, &package.weights)
+            .map_err(|e| bad(origin, format!("corrupt package: {e}")))?;
+    } else {
+        package
+            .verify(trusted)
+            .map_err(|e| bad(origin, format!("package refused: {e}")))?;
+    }
+    Ok(package.weights)
 }

@@ -106,9 +106,12 @@ impl CameraSource {
                         .frame()
                         .map_err(|e| SourceError::Fatal(format!("{thread_name}: capture: {e}")))
                         .and_then(|buffer| {
-                            buffer.decode_image::<LumaFormat>().map_err(|e| {
-                                SourceError::BadFrame(format!("{thread_name}: bad frame: {e}"))
-                            })
+                            buffer
+                                .decode_image::<LumaFormat>()
+                                .map_err(|e| SourceError::BadFrame {
+                                    origin: thread_name.clone(),
+                                    reason: format!("bad frame: {e}"),
+                                })
                         });
                     let fatal = matches!(frame, Err(SourceError::Fatal(_)));
                     let item = frame.map(|image| Frame {

@@ -60,18 +60,26 @@ impl FrameSource for FolderSource {
         self.next += 1;
         let seq = self.seq;
         self.seq += 1;
-        let image = image::open(&path)
-            .map_err(|e| SourceError::BadFrame(format!("{}: {e}", path.display())))?
+        let origin = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = std::fs::read(&path).map_err(|e| SourceError::BadFrame {
+            origin: origin.clone(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let image = edge_detector::image_io::decode(&bytes, &path.display().to_string())
+            .map_err(|reason| SourceError::BadFrame {
+                origin: origin.clone(),
+                reason,
+            })?
             .into_luma8();
         Ok(Some(Frame {
             seq,
             line: 0,
             captured_ms: now_ms(),
             image,
-            origin: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            origin,
             truth: vec![],
         }))
     }

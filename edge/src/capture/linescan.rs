@@ -36,11 +36,14 @@ impl LineScanAssembler {
     /// Adds a burst of rows (row-major, `width` bytes each); returns the frames completed.
     pub fn push(&mut self, rows: &[u8]) -> Result<Vec<Frame>, SourceError> {
         if !rows.len().is_multiple_of(self.width) {
-            return Err(SourceError::BadFrame(format!(
-                "line-scan burst of {} bytes is not a whole number of {}-pixel rows",
-                rows.len(),
-                self.width
-            )));
+            return Err(SourceError::BadFrame {
+                origin: "line-scan".into(),
+                reason: format!(
+                    "line-scan burst of {} bytes is not a whole number of {}-pixel rows",
+                    rows.len(),
+                    self.width
+                ),
+            });
         }
         self.rows.extend_from_slice(rows);
         let mut frames = Vec::new();
@@ -107,7 +110,10 @@ mod tests {
             frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
-        assert!(matches!(a.push(&[1, 2, 3]), Err(SourceError::BadFrame(_))));
+        assert!(matches!(
+            a.push(&[1, 2, 3]),
+            Err(SourceError::BadFrame { .. })
+        ));
         assert!(LineScanAssembler::new(4, 10, 10).is_err());
     }
 }

@@ -47,9 +47,10 @@ pub enum SourceError {
     /// The source is unusable (missing device, empty folder): the daemon cannot start on it.
     #[error("{0}")]
     Fatal(String),
-    /// One frame is bad (corrupt file, wrong size): logged, counted, skipped.
-    #[error("{0}")]
-    BadFrame(String),
+    /// One frame is bad (corrupt or truncated file, incomplete buffer, wrong size): it gets
+    /// the fail-safe verdict (undecided, cause `bad_frame`), logged and counted.
+    #[error("{origin}: {reason}")]
+    BadFrame { origin: String, reason: String },
 }
 
 /// A producer of frames. `next_frame` blocks until a frame is ready; `Ok(None)` ends the stream.

@@ -10,31 +10,57 @@ pub mod rules;
 pub mod tiling;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_detector::{Detection, ImageView};
 use image::GrayImage;
-pub use protocol::Defect;
+pub use protocol::{Defect, Undecided, UndecidedCause};
 use serde::{Deserialize, Serialize};
 
 use crate::capture::Frame;
 use crate::models::ActiveModel;
 pub use inspection::Inspection;
 pub use queue::{BoundedQueue, DropPolicy};
-pub use rules::{ClassRule, Rules};
+pub use rules::{ClassRule, Rules, UndecidedPolicy};
 pub use tiling::{merge_across_seams, tile_starts, tiles};
 
 /// What the pipeline decides about one frame.
 #[derive(Clone, Debug)]
 pub struct Decision {
     pub frame: Frame,
+    /// What the line does with the part: the rules' result, or the fail-safe policy's when
+    /// `undecided` is set.
     pub pass: bool,
     pub defects: Vec<Defect>,
     pub model: Option<(String, u64)>,
     /// Frame taken by the detector stage -> decision, milliseconds (queueing before it is in
     /// `decided_ms - frame.captured_ms`).
     pub latency_ms: f64,
+    /// Set when the frame could not be decided.
+    pub undecided: Option<Undecided>,
+}
+
+impl Decision {
+    /// The fail-safe decision for a frame that could not be decided.
+    pub fn undecided(
+        frame: Frame,
+        cause: UndecidedCause,
+        reason: impl Into<String>,
+        rules: &Rules,
+    ) -> Self {
+        Self {
+            frame,
+            pass: rules.undecided_pass(),
+            defects: vec![],
+            model: None,
+            latency_ms: 0.0,
+            undecided: Some(Undecided {
+                cause,
+                reason: reason.into(),
+            }),
+        }
+    }
 }
 
 /// Counters the daemon exports.
@@ -45,6 +71,25 @@ pub struct PipelineStats {
     pub bad_frames: AtomicU64,
     pub tiles: AtomicU64,
     pub batches: AtomicU64,
+    /// The inference loop is running (false before start, while it restarts after a panic,
+    /// and after it ended): `/readyz` reads it.
+    pub inference_running: AtomicBool,
+    /// Times the inference loop was restarted after a panic.
+    pub inference_restarts: AtomicU64,
+    /// Unix ms of the inference loop's last step (a batch, or an idle wait): the watchdog's
+    /// view of progress.
+    pub last_progress_ms: AtomicU64,
+}
+
+impl PipelineStats {
+    /// Milliseconds since the inference loop last made progress while frames were waiting;
+    /// 0 when it is keeping up.
+    pub fn stalled_ms(&self, queued: usize, now_ms: u64) -> u64 {
+        if queued == 0 {
+            return 0;
+        }
+        now_ms.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +115,14 @@ pub struct PipelineConfig {
     /// Detections kept per verdict (highest scores first).
     #[serde(default = "default_max_defects")]
     pub max_defects: usize,
+    /// A frame not decided within this many ms of its capture is undecided (cause `deadline`);
+    /// 0: no deadline.
+    #[serde(default)]
+    pub deadline_ms: u64,
+    /// `/readyz` answers 503 when frames wait and the detector has made no progress for this
+    /// long (the watchdog).
+    #[serde(default = "default_watchdog")]
+    pub watchdog_ms: u64,
 }
 
 fn default_overlap() -> usize {
@@ -90,6 +143,9 @@ fn default_policy() -> DropPolicy {
 fn default_max_defects() -> usize {
     50
 }
+fn default_watchdog() -> u64 {
+    10_000
+}
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -101,6 +157,8 @@ impl Default for PipelineConfig {
             queue: default_queue(),
             on_full: default_policy(),
             max_defects: default_max_defects(),
+            deadline_ms: 0,
+            watchdog_ms: default_watchdog(),
         }
     }
 }
@@ -113,38 +171,76 @@ struct InFlight {
     next_tile: usize,
     found: Vec<Detection>,
     done_tiles: usize,
+    /// The detector failed on one of its tiles: the frame is undecided.
+    failed: Option<String>,
+}
+
+/// Frames inside the inference loop. It lives outside [`run_inference`] so that, when the loop
+/// panics, the supervisor can still give every frame it held its fail-safe verdict.
+#[derive(Default)]
+pub struct InferenceState {
+    inflight: VecDeque<InFlight>,
+}
+
+impl InferenceState {
+    /// Takes the frames held by a loop that failed.
+    pub fn take_frames(&mut self) -> Vec<Frame> {
+        self.inflight.drain(..).map(|f| f.frame).collect()
+    }
 }
 
 /// Runs frames through the active model until `frames` is closed and drained. Blocking: give it
 /// a thread. `active` is read per batch, so a model switch takes effect at the next batch.
+/// Every frame taken from the queue gets exactly one decision through `emit`: decided, or
+/// undecided with its cause (no model, detector error, past its deadline).
 pub fn run_inference(
     config: &PipelineConfig,
     rules: &Rules,
     frames: &BoundedQueue<Frame>,
     active: &ActiveModel,
     stats: &PipelineStats,
-    mut emit: impl FnMut(Decision),
+    state: &mut InferenceState,
+    emit: &dyn Fn(Decision),
 ) {
-    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let inflight = &mut state.inflight;
     let wait = Duration::from_millis(config.max_wait_ms);
+    let deadline = (config.deadline_ms > 0).then_some(config.deadline_ms);
     loop {
+        stats
+            .last_progress_ms
+            .store(crate::capture::now_ms(), Ordering::Relaxed);
         // Fill the batch: tiles of frames already cut, then new frames within max_wait.
         let mut pending_tiles: usize = inflight.iter().map(|f| f.tiles.len() - f.next_tile).sum();
-        let deadline = Instant::now() + wait;
+        let fill_until = Instant::now() + wait;
         while pending_tiles < config.max_batch {
             let timeout = if pending_tiles == 0 && inflight.is_empty() {
                 Duration::from_millis(200)
             } else {
-                deadline.saturating_duration_since(Instant::now())
+                fill_until.saturating_duration_since(Instant::now())
             };
             let Some(frame) = frames.pop(timeout) else {
                 break;
             };
+            if let Some(limit) = deadline {
+                let waited = crate::capture::now_ms().saturating_sub(frame.captured_ms);
+                if waited > limit {
+                    emit(Decision::undecided(
+                        frame,
+                        UndecidedCause::Deadline,
+                        format!("waited {waited} ms for the detector (deadline {limit} ms)"),
+                        rules,
+                    ));
+                    continue;
+                }
+            }
             let model = active.read().expect("lock").clone();
             let Some((_, detector)) = model else {
-                // No model: the frame cannot be judged; count it as not inspected.
-                stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("frame {}: no active model, not inspected", frame.seq);
+                emit(Decision::undecided(
+                    frame,
+                    UndecidedCause::NoModel,
+                    "no active model",
+                    rules,
+                ));
                 continue;
             };
             let size = if config.tile > 0 {
@@ -161,6 +257,7 @@ pub fn run_inference(
                 next_tile: 0,
                 found: vec![],
                 done_tiles: 0,
+                failed: None,
             });
             if pending_tiles >= config.max_batch {
                 break;
@@ -174,6 +271,15 @@ pub fn run_inference(
         }
         let model = active.read().expect("lock").clone();
         let Some((installed, detector)) = model else {
+            // The model went away with frames cut for it: they cannot be decided.
+            for f in inflight.drain(..) {
+                emit(Decision::undecided(
+                    f.frame,
+                    UndecidedCause::NoModel,
+                    "no active model",
+                    rules,
+                ));
+            }
             continue;
         };
         // Take up to max_batch tiles, oldest frames first.
@@ -191,32 +297,51 @@ pub fn run_inference(
             .iter()
             .map(|&(fi, ti)| ImageView::grey(&inflight[fi].tiles[ti].2))
             .collect();
-        let results = match detector.detect(&views) {
-            Ok(r) => r,
+        let batch_no = stats.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.tiles.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let results = crate::faults::detect(batch_no)
+            .and_then(|()| detector.detect(&views).map_err(|e| e.to_string()));
+        match results {
+            Ok(results) => {
+                for (&(fi, ti), dets) in batch.iter().zip(results) {
+                    let f = &mut inflight[fi];
+                    let (ox, oy) = (f.tiles[ti].0 as f32, f.tiles[ti].1 as f32);
+                    f.found.extend(dets.into_iter().map(|mut d| {
+                        d.x1 += ox;
+                        d.x2 += ox;
+                        d.y1 += oy;
+                        d.y2 += oy;
+                        d
+                    }));
+                    f.done_tiles += 1;
+                }
+            }
             Err(e) => {
                 tracing::error!("detector: {e}");
-                vec![vec![]; batch.len()]
+                // Every frame with a tile in this batch is undecided; its other tiles are not run.
+                for &(fi, _) in &batch {
+                    let f = &mut inflight[fi];
+                    f.failed = Some(format!("detector: {e}"));
+                    f.next_tile = f.tiles.len();
+                    f.done_tiles = f.tiles.len();
+                }
             }
-        };
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.tiles.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (&(fi, ti), dets) in batch.iter().zip(results) {
-            let f = &mut inflight[fi];
-            let (ox, oy) = (f.tiles[ti].0 as f32, f.tiles[ti].1 as f32);
-            f.found.extend(dets.into_iter().map(|mut d| {
-                d.x1 += ox;
-                d.x2 += ox;
-                d.y1 += oy;
-                d.y2 += oy;
-                d
-            }));
-            f.done_tiles += 1;
         }
         while inflight
             .front()
             .is_some_and(|f| f.done_tiles == f.tiles.len())
         {
             let f = inflight.pop_front().expect("front");
+            stats.frames_done.fetch_add(1, Ordering::Relaxed);
+            if let Some(reason) = f.failed {
+                emit(Decision::undecided(
+                    f.frame,
+                    UndecidedCause::DetectorError,
+                    reason,
+                    rules,
+                ));
+                continue;
+            }
             let mut merged = merge_across_seams(f.found, 0.6);
             merged.truncate(config.max_defects);
             let classes = &detector.config.classes;
@@ -232,14 +357,27 @@ pub fn run_inference(
                     }
                 })
                 .collect();
-            stats.frames_done.fetch_add(1, Ordering::Relaxed);
-            emit(Decision {
+            let mut decision = Decision {
                 pass: !defects.iter().any(|d| d.fails),
                 defects,
                 model: Some((installed.id.clone(), installed.version)),
                 latency_ms: f.started.elapsed().as_secs_f64() * 1e3,
                 frame: f.frame,
-            });
+                undecided: None,
+            };
+            if let Some(limit) = deadline {
+                let took = crate::capture::now_ms().saturating_sub(decision.frame.captured_ms);
+                if took > limit {
+                    // Too late for the gate: the detections are kept for the record, the line
+                    // gets the fail-safe answer.
+                    decision.pass = rules.undecided_pass();
+                    decision.undecided = Some(Undecided {
+                        cause: UndecidedCause::Deadline,
+                        reason: format!("decided {took} ms after capture (deadline {limit} ms)"),
+                    });
+                }
+            }
+            emit(decision);
         }
     }
 }
@@ -321,6 +459,73 @@ mod tests {
         rules.roi = vec![[100.0, 0.0, 200.0, 100.0]];
         assert!(!rules.fails("inclusion", &d));
         assert!(rules.fails("inclusion", &det(0, 0.6, [110.0, 0.0, 130.0, 20.0])));
+    }
+
+    fn frame(seq: u64, captured_ms: u64) -> Frame {
+        Frame {
+            seq,
+            line: 0,
+            captured_ms,
+            image: GrayImage::new(64, 64),
+            origin: format!("f{seq}"),
+            truth: vec![],
+        }
+    }
+
+    /// Frames past their deadline are not run; frames with no model to judge them are
+    /// undecided too; each gets exactly one decision, and the policy sets `pass`.
+    #[test]
+    fn undecidable_frames_get_one_failsafe_decision_each() {
+        let now = crate::capture::now_ms();
+        for (policy, pass) in [
+            (UndecidedPolicy::Reject, false),
+            (UndecidedPolicy::PassFlagged, true),
+        ] {
+            let queue = BoundedQueue::new(8, DropPolicy::Block);
+            queue.push(frame(0, now.saturating_sub(60_000)));
+            queue.push(frame(1, now + 60_000));
+            queue.push(frame(2, now.saturating_sub(5_000)));
+            queue.close();
+            let config = PipelineConfig {
+                deadline_ms: 1_000,
+                ..Default::default()
+            };
+            let rules = Rules {
+                undecided: policy,
+                ..Default::default()
+            };
+            let got = std::sync::Mutex::new(vec![]);
+            run_inference(
+                &config,
+                &rules,
+                &queue,
+                &ActiveModel::default(),
+                &PipelineStats::default(),
+                &mut InferenceState::default(),
+                &|d: Decision| got.lock().unwrap().push(d),
+            );
+            let got = got.into_inner().unwrap();
+            let causes: Vec<(u64, UndecidedCause, bool)> = got
+                .iter()
+                .map(|d| (d.frame.seq, d.undecided.as_ref().unwrap().cause, d.pass))
+                .collect();
+            assert_eq!(
+                causes,
+                vec![
+                    (0, UndecidedCause::Deadline, pass),
+                    (1, UndecidedCause::NoModel, pass),
+                    (2, UndecidedCause::Deadline, pass),
+                ]
+            );
+            assert!(
+                got[0]
+                    .undecided
+                    .as_ref()
+                    .unwrap()
+                    .reason
+                    .contains("deadline 1000 ms")
+            );
+        }
     }
 
     #[test]

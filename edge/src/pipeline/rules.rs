@@ -17,8 +17,22 @@ pub struct ClassRule {
     pub ignore: bool,
 }
 
+/// What the line is told about a frame that could not be decided (detector error, bad frame,
+/// no model, overload, deadline): the fail-safe policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UndecidedPolicy {
+    /// The part is rejected (`pass = false`), as a failed frame would be.
+    #[default]
+    Reject,
+    /// The part passes (`pass = true`) with the verdict flagged `undecided`, for lines where
+    /// a stop costs more than an escaped defect (checked downstream).
+    PassFlagged,
+}
+
 /// Decision rules: a frame fails if any detection passes its class's score and area thresholds
-/// and its centre lies in a region of interest.
+/// and its centre lies in a region of interest; a frame that could not be decided follows
+/// `undecided`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rules {
@@ -32,6 +46,9 @@ pub struct Rules {
     /// Regions of interest `[x1, y1, x2, y2]` in frame pixels; empty: the whole frame.
     #[serde(default)]
     pub roi: Vec<[f32; 4]>,
+    /// Fail-safe policy for frames that could not be decided.
+    #[serde(default)]
+    pub undecided: UndecidedPolicy,
 }
 
 fn default_min_score() -> f32 {
@@ -45,11 +62,17 @@ impl Default for Rules {
             min_area: 0.0,
             classes: BTreeMap::new(),
             roi: vec![],
+            undecided: UndecidedPolicy::Reject,
         }
     }
 }
 
 impl Rules {
+    /// `pass` for a frame that could not be decided.
+    pub fn undecided_pass(&self) -> bool {
+        self.undecided == UndecidedPolicy::PassFlagged
+    }
+
     /// Whether a detection makes the frame fail.
     pub fn fails(&self, class: &str, d: &Detection) -> bool {
         let rule = self.classes.get(class);

@@ -29,6 +29,8 @@ pub struct AppState {
     pub active: ActiveModel,
     pub queue: Arc<std::sync::Mutex<Option<Arc<BoundedQueue<Frame>>>>>,
     pub review: Option<Arc<ReviewQueue>>,
+    /// `/readyz` fails when frames wait and the detector made no progress for this long.
+    pub watchdog_ms: u64,
     /// Whether a source is configured (readiness then needs it running).
     pub has_source: bool,
     pub last_scrape: Arc<std::sync::Mutex<(std::time::Instant, u64)>>,
@@ -70,7 +72,30 @@ async fn readyz(State(s): State<AppState>) -> Response {
         )
             .into_response();
     }
+    if s.has_source && !s.stats.inference_running.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the inference loop is not running (restarting after a failure)\n",
+        )
+            .into_response();
+    }
+    let stalled = s.stats.stalled_ms(queue_len(&s), crate::capture::now_ms());
+    if s.has_source && stalled > s.watchdog_ms {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: frames are waiting and the detector has made no progress for {stalled} ms\n"),
+        )
+            .into_response();
+    }
     "ready\n".into_response()
+}
+
+fn queue_len(s: &AppState) -> usize {
+    s.queue
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map_or(0, |q| q.len())
 }
 
 fn sync_counter(c: &Counter, value: u64) {
@@ -91,6 +116,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
         m.queue_depth.set(q.len() as i64);
     }
     m.outbox_pending.set(s.store.pending() as i64);
+    sync_counter(
+        &m.inference_restarts,
+        s.stats.inference_restarts.load(Ordering::Relaxed),
+    );
+    m.inference_running
+        .set(s.stats.inference_running.load(Ordering::Relaxed) as i64);
+    m.inference_stalled
+        .set(s.stats.stalled_ms(queue_len(&s), crate::capture::now_ms()) as f64 / 1e3);
     if let Some(r) = &s.review {
         let [pending, labeled] = r.counts();
         m.review_pending.set(pending as i64);

@@ -13,10 +13,19 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
 /// Metrics updated by the pipeline as it runs.
 pub struct Metrics {
     pub(super) registry: std::sync::Mutex<Registry>,
     pub verdicts: Family<ResultLabel, Counter>,
+    /// Undecided (fail-safe) verdicts by cause.
+    pub undecided: Family<CauseLabel, Counter>,
+    /// Verdicts that could not be stored (lost): the alarm.
+    pub verdicts_lost: Counter,
     /// Frame taken by the detector stage -> verdict, seconds.
     pub latency: Histogram,
     pub(super) frames: Counter,
@@ -31,6 +40,9 @@ pub struct Metrics {
     pub(super) review_pending: Gauge,
     pub(super) review_labeled: Gauge,
     pub(super) review_evicted: Counter,
+    pub(super) inference_restarts: Counter,
+    pub(super) inference_running: Gauge,
+    pub(super) inference_stalled: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -38,6 +50,11 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("edge");
         let m = Metrics {
             verdicts: Family::default(),
+            undecided: Family::default(),
+            verdicts_lost: Counter::default(),
+            inference_restarts: Counter::default(),
+            inference_running: Gauge::default(),
+            inference_stalled: Gauge::default(),
             latency: Histogram::new([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
             frames: Counter::default(),
             bad_frames: Counter::default(),
@@ -53,7 +70,41 @@ impl Default for Metrics {
             review_evicted: Counter::default(),
             registry: std::sync::Mutex::new(Registry::default()),
         };
-        registry.register("verdicts", "Verdicts by result", m.verdicts.clone());
+        registry.register(
+            "verdicts",
+            "Verdicts by result (pass, fail, undecided)",
+            m.verdicts.clone(),
+        );
+        registry.register(
+            "undecided",
+            "Frames that could not be decided, by cause (each got the fail-safe verdict)",
+            m.undecided.clone(),
+        );
+        for cause in protocol::UndecidedCause::ALL {
+            let _ = m.undecided.get_or_create(&CauseLabel {
+                cause: cause.as_str(),
+            });
+        }
+        registry.register(
+            "verdicts_lost",
+            "Verdicts that could not be stored (alarm: must stay 0)",
+            m.verdicts_lost.clone(),
+        );
+        registry.register(
+            "inference_restarts",
+            "Restarts of the inference loop after a failure",
+            m.inference_restarts.clone(),
+        );
+        registry.register(
+            "inference_running",
+            "1 while the inference loop runs",
+            m.inference_running.clone(),
+        );
+        registry.register(
+            "inference_stalled_seconds",
+            "How long frames have waited with no detector progress (the watchdog)",
+            m.inference_stalled.clone(),
+        );
         registry.register(
             "latency_seconds",
             "Detector stage latency per frame",

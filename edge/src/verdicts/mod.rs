@@ -46,6 +46,7 @@ impl Recorder {
             pass: d.pass,
             defects: d.defects,
             model: d.model,
+            undecided: d.undecided,
         };
         if let Err(e) = self.store.record(&verdict, &d.frame.image) {
             tracing::error!("verdict {} not stored: {e}", verdict.id);

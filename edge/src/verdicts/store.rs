@@ -171,7 +171,8 @@ impl VerdictStore {
             KeepFrames::None => false,
         };
         let mut added = 0u64;
-        if keep_frame {
+        // A frame that never decoded (undecided, cause bad_frame) has no pixels to keep.
+        if keep_frame && frame.width() > 0 && frame.height() > 0 {
             let data = jpeg(frame, self.config.jpeg_quality);
             added += data.len() as u64;
             self.images.insert(image_key(verdict.id, 0), data)?;
@@ -338,6 +339,7 @@ mod tests {
                 fails: !pass,
             }],
             model: Some(("m".into(), 1)),
+            undecided: None,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    #[command(flatten)]
+    trust: edge_detector::cli::PackageTrust,
 }
 
 pub fn run(args: Args, device: &Device) -> Result<()> {
@@ -41,9 +43,11 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         split_seed,
         val_fraction,
         batch_size,
+        trust,
     } = args;
 
-    let mut detector = Detector::load(&model, device)?;
+    let keys = trust.keys().map_err(anyhow::Error::msg)?;
+    let mut detector = Detector::load_checked(&model, &keys, device)?;
     detector.config.score_threshold = 0.01;
     let dataset = crate::data::voc::load(&data, &detector.config.classes)?;
     let samples = if all {

@@ -32,10 +32,11 @@ pub struct Batch {
 
 /// Decodes an image file as the preprocessing wants it (grey or RGB).
 pub fn decode(sample: &Sample, grey: bool) -> Result<DynamicImage, DataError> {
-    let image = image::open(&sample.image_path).map_err(|e| DataError::Invalid {
-        path: sample.image_path.display().to_string(),
-        reason: format!("cannot decode image: {e}"),
-    })?;
+    let image =
+        edge_detector::image_io::open(&sample.image_path).map_err(|e| DataError::Invalid {
+            path: sample.image_path.display().to_string(),
+            reason: format!("cannot decode image: {e}"),
+        })?;
     Ok(if grey {
         DynamicImage::ImageLuma8(image.into_luma8())
     } else {

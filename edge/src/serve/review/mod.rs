@@ -454,6 +454,7 @@ mod tests {
                 fails: !pass,
             }],
             model: Some(("m".into(), 1)),
+            undecided: None,
         }
     }
 

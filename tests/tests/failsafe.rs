@@ -1,0 +1,195 @@
+//! Fail-safe verdicts, with real files and the real daemon: a truncated JPEG, a file that is no
+//! image, detector errors and a detector panic (fault points armed through `EDGE_FAULTS`, built
+//! only into test builds) each give the frame an explicit `undecided` verdict with its cause,
+//! rejected by the default policy and counted in `/metrics`; the inference loop is restarted
+//! after the panic; no frame is lost and none passes undecided. Local tools refuse a package
+//! whose weights or manifest were altered.
+
+use std::time::{Duration, Instant};
+
+use e2e::{Edge, Fixtures, run, run_ok};
+use protocol::{UndecidedCause, Verdict};
+
+fn get(url: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
+}
+
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+#[test]
+fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
+    let files = Fixtures::new("failsafe");
+    let public = files.keygen("fleet");
+    files.synth(2, 7);
+    let model = files.init_model("m", "nano", 0);
+    e2e::package(
+        &model,
+        &files.path("keys/fleet.key"),
+        1,
+        &files.golden("crazing_1.jpg"),
+        &files.path("v1.edgepkg"),
+    );
+    // Eight whole images, a JPEG cut in half (as an interrupted copy leaves it) and a file
+    // that is no image at all, in name order.
+    let frames = files.path("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let mut synth: Vec<_> = std::fs::read_dir(files.path("synth/images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    synth.sort();
+    for (i, p) in synth.iter().take(8).enumerate() {
+        std::fs::copy(p, frames.join(format!("{:02}.jpg", i * 10))).unwrap();
+    }
+    let whole = std::fs::read(&synth[0]).unwrap();
+    std::fs::write(frames.join("15-cut.jpg"), &whole[..whole.len() / 2]).unwrap();
+    std::fs::write(frames.join("45-junk.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
+
+    // `edge detect` refuses the cut file, naming it.
+    let cut = frames.join("15-cut.jpg").display().to_string();
+    let (ok, out) = run("edge", &["detect", &cut]);
+    assert!(
+        !ok && out.contains("15-cut.jpg") && out.contains("truncated JPEG"),
+        "{out}"
+    );
+
+    let port = e2e::free_port();
+    let config = format!(
+        "{}\n[source]\nkind = \"folder\"\npath = \"{}\"\n\n[pipeline]\non_full = \"block\"\nmax_batch = 1\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
+        e2e::offline_edge_config("cam1", &[], &public, &files.path("v1.edgepkg"), ""),
+        frames.display()
+    );
+    // Good frames are batches 1..8 (one tile each): 2 and 3 fail, 5 panics.
+    let edge = Edge::start_with_env(
+        &files.dir,
+        "cam1",
+        &config,
+        &[("EDGE_FAULTS", "detect_error:2-3,detect_panic:5")],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let until = Instant::now() + Duration::from_secs(90);
+    let verdicts: Vec<Verdict> = loop {
+        if let Ok(resp) = std::panic::catch_unwind(|| get(&format!("{base}/api/verdicts?since=0")))
+            && resp.0 == 200
+        {
+            let v: Vec<Verdict> = serde_json::from_str(&resp.1).unwrap();
+            if v.len() >= 10 {
+                break v;
+            }
+        }
+        assert!(Instant::now() < until, "not 10 verdicts:\n{}", edge.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(verdicts.len(), 10, "one verdict per file, no more");
+    let by_origin = |o: &str| {
+        verdicts
+            .iter()
+            .find(|v| v.origin == o)
+            .unwrap_or_else(|| panic!("no verdict for {o}: {verdicts:?}"))
+    };
+    let cause = |o: &str| by_origin(o).undecided.as_ref().map(|u| u.cause);
+    assert_eq!(cause("15-cut.jpg"), Some(UndecidedCause::BadFrame));
+    assert!(
+        by_origin("15-cut.jpg")
+            .undecided
+            .as_ref()
+            .unwrap()
+            .reason
+            .contains("truncated JPEG")
+    );
+    assert_eq!(cause("45-junk.jpg"), Some(UndecidedCause::BadFrame));
+    assert_eq!(cause("00.jpg"), None);
+    assert_eq!(cause("10.jpg"), Some(UndecidedCause::DetectorError));
+    assert_eq!(cause("20.jpg"), Some(UndecidedCause::DetectorError));
+    assert_eq!(cause("30.jpg"), None);
+    assert_eq!(cause("40.jpg"), Some(UndecidedCause::InferenceFailed));
+    for o in ["50.jpg", "60.jpg", "70.jpg"] {
+        assert_eq!(cause(o), None, "decided after the restart: {o}");
+    }
+    // Nothing undecided passes (default policy: reject), and the ids have no gaps.
+    for v in &verdicts {
+        assert!(v.undecided.is_none() || !v.pass, "undecided PASS: {v:?}");
+    }
+    let mut ids: Vec<u64> = verdicts.iter().map(|v| v.id).collect();
+    ids.sort();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+
+    let (_, m) = get(&format!("{base}/metrics"));
+    assert_eq!(metric(&m, "edge_undecided_total{cause=\"bad_frame\"}"), 2.0);
+    assert_eq!(
+        metric(&m, "edge_undecided_total{cause=\"detector_error\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "edge_undecided_total{cause=\"inference_failed\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "edge_verdicts_total{result=\"undecided\"}"), 5.0);
+    assert_eq!(metric(&m, "edge_inference_restarts_total"), 1.0);
+    assert_eq!(metric(&m, "edge_verdicts_lost_total"), 0.0);
+    let log = edge.log();
+    assert!(
+        log.contains("UNDECIDED (bad_frame") && log.contains("restart 1 in"),
+        "{log}"
+    );
+}
+
+#[test]
+fn local_tools_refuse_altered_packages() {
+    let files = Fixtures::new("package-trust");
+    files.keygen("fleet");
+    files.synth(1, 3);
+    let model = files.init_model("m", "nano", 0);
+    let golden = files.golden("crazing_1.jpg");
+    let pkg = files.path("v1.edgepkg");
+    e2e::package(&model, &files.path("keys/fleet.key"), 1, &golden, &pkg);
+    let image = golden.display().to_string();
+    let key = files.p("keys/fleet.pub");
+    let detect = |model: &str, extra: &[&str]| {
+        let mut args = vec!["detect", "--model", model, &image];
+        args.extend_from_slice(extra);
+        run("edge", &args)
+    };
+    let p = pkg.display().to_string();
+    // Signed by the fleet key, not the release key the tools trust by default.
+    let (ok, out) = detect(&p, &[]);
+    assert!(!ok && out.contains("package refused"), "{out}");
+    run_ok(
+        "edge",
+        &["detect", "--model", &p, "--trusted-key", &key, &image],
+    );
+    // One bit flipped in the weights: refused even without a signature check.
+    let bytes = std::fs::read(&pkg).unwrap();
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 1000;
+    flipped[at] ^= 0x10;
+    let fp = files.path("flipped.edgepkg");
+    std::fs::write(&fp, &flipped).unwrap();
+    let fps = fp.display().to_string();
+    let (ok, out) = detect(&fps, &["--no-signature-check"]);
+    assert!(!ok && out.contains("digest"), "{out}");
+    let (ok, out) = detect(&fps, &["--trusted-key", &key]);
+    assert!(!ok && out.contains("package refused"), "{out}");
+    // The factory package verifies against the built-in release key.
+    let factory = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../edge/models/neu-edge.edgepkg"
+    );
+    run_ok("edge", &["detect", "--model", factory, &image]);
+}
