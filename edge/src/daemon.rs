@@ -95,6 +95,7 @@ impl Daemon {
                 self.models.up_topic(UpKind::Verdict),
                 self.verdicts.clone(),
                 self.outbox_notify.clone(),
+                crate::verdicts::outbox::WINDOW,
             )?),
             None => None,
         };

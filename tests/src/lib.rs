@@ -538,6 +538,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: u16) -> Proxy {
+        Self::start_with_delay(upstream, Duration::ZERO)
+    }
+
+    /// A proxy that holds every byte for `one_way` in each direction (a round trip of twice
+    /// that), as a WAN link does.
+    pub fn start_with_delay(upstream: u16, one_way: Duration) -> Proxy {
         use std::sync::atomic::{AtomicBool, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy port");
         let port = listener.local_addr().expect("addr").port();
@@ -552,9 +558,42 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                let pipe = move |mut from: TcpStream, mut to: TcpStream| {
+                    if one_way.is_zero() {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                        return;
+                    }
+                    // A delay line: the reader stamps each chunk, the writer releases it
+                    // `one_way` later, in order.
+                    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    std::thread::spawn(move || {
+                        use std::io::Write;
+                        for (at, data) in rx {
+                            let due = at + one_way;
+                            let now = Instant::now();
+                            if due > now {
+                                std::thread::sleep(due - now);
+                            }
+                            if to.write_all(&data).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 };

@@ -219,6 +219,46 @@ impl VerdictStore {
         }))
     }
 
+    /// Queued verdicts with id > `after`, oldest first, at most `limit`.
+    pub fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.outbox.range(key(after.saturating_add(1))..).take(limit) {
+            let (k, v) = entry?;
+            out.push((
+                u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+                v.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The queued payload of verdict `id` (`None` once delivered).
+    pub fn pending_payload(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.outbox.get(key(id))?.map(|v| v.to_vec()))
+    }
+
+    /// Several acknowledged verdicts leave the outbox in one batch.
+    pub fn delivered_many(&self, ids: &[u64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for &id in ids {
+            if self.outbox.contains_key(key(id))? {
+                batch.remove(&key(id));
+                removed += 1;
+            }
+        }
+        self.outbox.apply_batch(batch)?;
+        self.queued.fetch_sub(removed, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The broker acknowledged the verdict: it leaves the outbox.
     pub fn delivered(&self, id: u64) -> Result<(), StoreError> {
         if self.outbox.remove(key(id))?.is_some() {
