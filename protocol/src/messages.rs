@@ -10,8 +10,14 @@ use crate::topics::Target;
 
 /// The version this build writes and the only one it reads.
 pub const VERSION: u64 = 1;
-/// Largest JSON message accepted (an offer carries the manifest with its golden images).
-pub const MAX_JSON_BYTES: usize = 8 << 20;
+/// Largest JSON message accepted: an offer carries the manifest (at most
+/// [`crate::package::MAX_MANIFEST`], escaped) and one hash per chunk.
+pub const MAX_JSON_BYTES: usize = 2 << 20;
+/// Largest package chunk on the wire (under EMQX's default 1 MB packet limit with its header,
+/// `trainer publish --chunk-kib` at most 1024); the smallest is [`MIN_CHUNK`].
+pub const MAX_CHUNK: usize = 1 << 20;
+/// Smallest package chunk (keeps an offer's chunk list short).
+pub const MIN_CHUNK: usize = 16 << 10;
 
 /// A JSON message type: its `kind` tag on the wire.
 pub trait Message: Serialize + DeserializeOwned {

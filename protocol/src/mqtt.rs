@@ -62,11 +62,13 @@ impl BrokerConfig {
         }
     }
 
-    /// rumqttc options for this broker. Packets up to 64 MiB pass (chunks, offers).
+    /// rumqttc options for this broker. Packets up to [`MAX_PACKET`] pass either way: larger
+    /// ones are refused by the client before they are buffered (the connection drops and
+    /// reconnects), whoever sends them.
     pub fn options(&self, client_id: &str) -> Result<MqttOptions, ProtocolError> {
         let mut options = MqttOptions::new(client_id, &self.host, self.port);
         options.set_keep_alive(Duration::from_secs(self.keep_alive_s.max(1)));
-        options.set_max_packet_size(64 << 20, 64 << 20);
+        options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
         match (&self.username, &self.password) {
             (Some(u), Some(p)) => {
                 options.set_credentials(u, p);
@@ -104,6 +106,10 @@ impl BrokerConfig {
         Ok(options)
     }
 }
+
+/// Largest MQTT packet this protocol needs: its largest message (an offer, at most
+/// [`crate::messages::MAX_JSON_BYTES`]; a chunk is at most half of it) plus topic and headers.
+pub const MAX_PACKET: usize = crate::messages::MAX_JSON_BYTES + (16 << 10);
 
 /// An incoming message.
 #[derive(Clone, Debug)]

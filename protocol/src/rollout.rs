@@ -247,7 +247,9 @@ async fn send_stage(
             "no online device reported itself in {target}"
         )));
     }
-    let chunk_size = options.chunk_size.clamp(1024, 16 << 20);
+    let chunk_size = options
+        .chunk_size
+        .clamp(crate::messages::MIN_CHUNK, crate::messages::MAX_CHUNK);
     let pieces: Vec<&[u8]> = package.weights.chunks(chunk_size).collect();
     let count = pieces.len() as u32;
     let offer = offer_for(package, target, chunk_size)?;

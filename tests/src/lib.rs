@@ -214,7 +214,13 @@ impl Broker {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
-            format!("{listener}persistence false\nmax_queued_messages 100000\n"),
+            // max_packet_size: the broker refuses what no client of the protocol accepts (as a
+            // production broker should, docs/operations.md), so an oversized message cannot
+            // sit in a device's queue.
+            format!(
+                "{listener}persistence false\nmax_queued_messages 100000\nmax_packet_size {}\n",
+                protocol::mqtt::MAX_PACKET
+            ),
         )
         .expect("writing mosquitto.conf");
         let mut broker = Broker {

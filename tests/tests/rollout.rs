@@ -772,3 +772,97 @@ factory = "{factory}"
     online_with(&w, "cam1", 2);
     drop(broker);
 }
+
+/// Hostile input on the device's topics: an oversized packet, a thousand junk and unsigned
+/// offers, truncated JSON. The daemon stays up, refusals write nothing to its state file, and
+/// a real rollout still goes through afterwards.
+#[test]
+fn hostile_input_costs_no_disk_writes_and_no_crash() {
+    let f = fixture();
+    let Rig {
+        dir,
+        broker,
+        w,
+        mut edge,
+    } = rig("");
+    let state = dir.path().join("cam1/state/models/state.json");
+    let state = if state.exists() {
+        state
+    } else {
+        // Wherever the model store keeps it.
+        let found = std::process::Command::new("find")
+            .args([dir.path().to_str().unwrap(), "-name", "state.json"])
+            .output()
+            .unwrap();
+        PathBuf::from(
+            String::from_utf8(found.stdout)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+    };
+    let before = std::fs::metadata(&state).unwrap().modified().unwrap();
+    let package = Package::read(&f.path("v2.edgepkg")).unwrap();
+    let rogue = read_signing_key(&f.path("keys/rogue.key")).unwrap();
+    let unsigned = package.clone().resigned(&rogue);
+    let topics = protocol::Topics::new("test").unwrap();
+    let target: protocol::Target = "device:cam1".parse().unwrap();
+    use protocol::topics::DownKind;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Larger than any message of the protocol: the broker refuses it (max_packet_size)
+        // and drops that client; had it reached the device, its client would refuse it too.
+        let mut options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
+            .options("hostile-big")
+            .unwrap();
+        options.set_max_packet_size(16 << 20, 16 << 20);
+        let mut big = protocol::mqtt::Connection::start(options, vec![]);
+        big.wait_connected(T).await.unwrap();
+        big.client
+            .publish(
+                topics.down(&target, DownKind::Offer),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                vec![b'{'; protocol::mqtt::MAX_PACKET + 1024],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
+            .options("hostile")
+            .unwrap();
+        let mut conn = protocol::mqtt::Connection::start(options, vec![]);
+        conn.wait_connected(T).await.unwrap();
+        for i in 0..1000u32 {
+            let payload = match i % 3 {
+                0 => b"{\"kind\":\"offer\",\"version\":1,\"transfer\":".to_vec(),
+                1 => protocol::rollout::offer_for(&unsigned, &target, 64 << 10)
+                    .unwrap()
+                    .encode(),
+                _ => format!("{{\"kind\":\"offer\",\"version\":1,\"junk\":{i}}}").into_bytes(),
+            };
+            conn.publish(topics.down(&target, DownKind::Offer), payload, false)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        conn.close().await;
+    });
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.state == ReportState::Refused
+            && r.reason.as_deref().is_some_and(|x| x.contains("signature"))
+    })
+    .expect("the unsigned offers are refused");
+    assert!(edge.is_running(), "{}", edge.log());
+    let log = edge.log();
+    assert!(!log.contains("connection lost"), "{log}");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().modified().unwrap(),
+        before,
+        "refusals rewrote the state file"
+    );
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(ok, "{out}\n{}", edge.log());
+    online_with(&w, "cam1", 2);
+}

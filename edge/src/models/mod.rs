@@ -359,7 +359,13 @@ impl ModelLifecycle {
                 report.version.map(|v| v.to_string()).unwrap_or("?".into())
             )
             .to_lowercase();
-            let _ = self.store.set_event(event);
+            if report.state == ReportState::Refused {
+                // Refusals are what junk and hostile offers get: they cost no disk write (the
+                // event is saved with the next real change of state).
+                self.store.state.last_event = Some(event);
+            } else {
+                let _ = self.store.set_event(event);
+            }
         }
         self.report(report);
         self.publish_status();

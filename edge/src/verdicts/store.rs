@@ -226,7 +226,11 @@ impl VerdictStore {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.outbox.range(key(after.saturating_add(1))..).take(limit) {
+        for entry in self
+            .outbox
+            .range(key(after.saturating_add(1))..)
+            .take(limit)
+        {
             let (k, v) = entry?;
             out.push((
                 u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),

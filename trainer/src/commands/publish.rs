@@ -22,8 +22,8 @@ pub struct Args {
     /// Public key to check the package against before sending (recommended).
     #[arg(long)]
     verify_with: Option<PathBuf>,
-    /// Size of each package chunk on the wire, KiB (a device resumes at the first chunk it
-    /// misses).
+    /// Size of each package chunk on the wire, KiB, 16 to 1024 (a device resumes at the first
+    /// chunk it misses). Keep it under the broker's packet limit: AWS IoT takes 128 KB packets.
     #[arg(long, default_value_t = 256)]
     chunk_kib: usize,
     /// Give up on devices that have not answered after this many seconds (per stage).
@@ -41,6 +41,10 @@ pub fn run(args: Args) -> Result<()> {
         chunk_kib,
         timeout,
     } = args;
+    anyhow::ensure!(
+        (16..=1024).contains(&chunk_kib),
+        "--chunk-kib {chunk_kib}: must be 16 to 1024 (KiB), the sizes every device accepts"
+    );
 
     let pkg = protocol::Package::read(&package)?;
     let trusted = match verify_with {
