@@ -71,6 +71,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Compares dotted numeric versions ("0.1.0"); `None` when either is not of that form.
 pub fn version_at_least(have: &str, need: &str) -> Option<bool> {
     let parse = |s: &str| -> Option<Vec<u64>> {

@@ -307,22 +307,34 @@ impl Message for Verdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommandAction {
-    /// Go back to a kept earlier model: the newest one, or the given version.
+    /// Go back to a kept earlier model: the newest one, or the given version. The version
+    /// left is then refused by the device's offers (a signed floor) until an `Allow` for it.
     Rollback {
         #[serde(default)]
         to_version: Option<u64>,
     },
+    /// Admit again a version a rollback command had the device refuse.
+    Allow { version: u64 },
 }
 
-/// The signed body of a command.
+/// Longest a command may stay valid: `expires_ms - issued_ms` at most one day.
+pub const MAX_COMMAND_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// The signed body of a command. Everything a device checks is inside the signature: the
+/// target (device, group or fleet), the site, when it was issued and when it expires.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
     pub action: CommandAction,
     pub target: Target,
+    /// The site (first topic level): a command cannot be replayed at another site.
+    pub site: String,
     /// Unix milliseconds; a device refuses a command not newer than the last it obeyed
     /// (no replay).
     pub issued_ms: u64,
+    /// Unix milliseconds after which devices refuse it (at most [`MAX_COMMAND_TTL_MS`] after
+    /// `issued_ms`).
+    pub expires_ms: u64,
 }
 
 /// A command as sent: the JSON text of [`Command`] and an ed25519 signature over it.
@@ -497,7 +509,9 @@ mod tests {
                 to_version: Some(4),
             },
             target: Target::Group("canary".into()),
+            site: "plant-a".into(),
             issued_ms: 17,
+            expires_ms: 600_017,
         };
         let text = serde_json::to_string(&c).unwrap();
         assert!(text.contains("{\"rollback\":{\"to_version\":4}}"), "{text}");

@@ -579,7 +579,83 @@ fn rollback_command_is_signed_and_not_replayable() {
         r.reason.as_deref().is_some_and(|x| x.contains("replayed"))
     })
     .expect("replayed command refused");
-    // Going forward again is an ordinary rollout.
+
+    // Signed by the fleet key but expired, or for another site: refused.
+    let key = read_signing_key(&f.path("keys/fleet.key")).unwrap();
+    let now = protocol::unix_now_ms();
+    let command = |site: &str, issued_ms: u64, expires_ms: u64| {
+        protocol::SignedCommand::sign(
+            &protocol::Command {
+                action: protocol::CommandAction::Rollback { to_version: None },
+                target: "device:cam1".parse().unwrap(),
+                site: site.into(),
+                issued_ms,
+                expires_ms,
+            },
+            &key,
+        )
+    };
+    rt.block_on(async {
+        let options = protocol::mqtt::BrokerConfig::plain("127.0.0.1", broker.port)
+            .options("replayer2")
+            .unwrap();
+        let mut conn = protocol::mqtt::Connection::start(options, vec![]);
+        conn.wait_connected(T).await.unwrap();
+        for c in [
+            command("test", now + 1, now.saturating_sub(1000)),
+            command("elsewhere", now + 2, now + 60_000),
+        ] {
+            conn.publish(
+                "edgeinsp/test/down/device/cam1/command".into(),
+                c.encode(),
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        conn.close().await;
+    });
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.reason.as_deref().is_some_and(|x| x.contains("expired"))
+    })
+    .expect("expired command refused");
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.contains("for site `elsewhere`"))
+    })
+    .expect("another site's command refused");
+
+    // The rolled-back version is refused (the signed floor) until a signed allow command.
+    let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
+    assert!(!ok, "{out}");
+    w.wait::<Report>("/cam1/report", T, |r| {
+        r.state == ReportState::Refused
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("v2 was rolled back by a signed command"))
+    })
+    .expect("rolled-back version refused");
+    run_ok(
+        "trainer",
+        &[
+            "allow",
+            "--to",
+            "device:cam1",
+            "--version",
+            "2",
+            "--key",
+            &f.p("keys/fleet.key"),
+            "--broker",
+            &addr,
+            "--site",
+            "test",
+        ],
+    );
+    w.wait_status("cam1", T, |s| {
+        s.last_event.as_deref() == Some("allow command: v2")
+    });
     let (ok, out) = publish(&broker, &f.p("v2.edgepkg"), &["--to", "device:cam1"]);
     assert!(ok, "{out}");
     online_with(&w, "cam1", 2);

@@ -38,6 +38,32 @@ impl ModelLifecycle {
         {
             return;
         }
+        if command.site != self.identity.site {
+            return refuse(
+                self,
+                format!(
+                    "for site `{}`, this device is at `{}`",
+                    command.site, self.identity.site
+                ),
+            );
+        }
+        let now = protocol::unix_now_ms();
+        if now > command.expires_ms {
+            return refuse(
+                self,
+                format!(
+                    "expired {} s ago (issued {} ms, expires {} ms)",
+                    (now - command.expires_ms) / 1000,
+                    command.issued_ms,
+                    command.expires_ms
+                ),
+            );
+        }
+        if command.expires_ms.saturating_sub(command.issued_ms)
+            > protocol::messages::MAX_COMMAND_TTL_MS
+        {
+            return refuse(self, "valid for more than a day".into());
+        }
         if command.issued_ms <= self.store.state.last_command_ms {
             return refuse(
                 self,
@@ -51,7 +77,13 @@ impl ModelLifecycle {
         match command.action {
             CommandAction::Rollback { to_version } => {
                 match self.store.rollback(to_version, "rollback command") {
-                    Ok((_, to)) => {
+                    Ok((left, to)) => {
+                        if let Some(left) = left {
+                            self.store.state.refused_versions.insert(left.version);
+                            if let Err(e) = self.store.save() {
+                                tracing::error!("model state: {e}");
+                            }
+                        }
                         tracing::warn!("rollback command: back to v{}", to.version);
                         self.load_active();
                         self.report(Report {
@@ -70,6 +102,22 @@ impl ModelLifecycle {
                         refuse(self, e.to_string())
                     }
                 }
+            }
+            CommandAction::Allow { version } => {
+                let was = self.store.state.refused_versions.remove(&version);
+                self.store.state.last_event = Some(format!("allow command: v{version}"));
+                if let Err(e) = self.store.save() {
+                    tracing::error!("model state: {e}");
+                }
+                tracing::warn!(
+                    "allow command: v{version} {}",
+                    if was {
+                        "may be installed again"
+                    } else {
+                        "was not refused"
+                    }
+                );
+                self.publish_status();
             }
         }
     }

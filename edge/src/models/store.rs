@@ -46,6 +46,10 @@ pub struct StoreState {
     pub last_event: Option<String>,
     /// `issued_ms` of the last command obeyed (replay protection).
     pub last_command_ms: u64,
+    /// Versions a signed rollback command left: offers of them are refused until a signed
+    /// `allow` command re-admits them.
+    #[serde(default)]
+    pub refused_versions: std::collections::BTreeSet<u64>,
 }
 
 pub struct ModelStore {

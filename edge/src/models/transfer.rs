@@ -174,6 +174,17 @@ impl ModelLifecycle {
         verify_signature(offer.manifest.as_bytes(), &signature, &self.trusted)
             .map_err(|e| e.to_string())?;
         let manifest = Manifest::from_json(offer.manifest.as_bytes()).map_err(|e| e.to_string())?;
+        if self
+            .store
+            .state
+            .refused_versions
+            .contains(&manifest.version)
+        {
+            return Err(format!(
+                "v{} was rolled back by a signed command; a signed allow command (`trainer allow`) admits it again",
+                manifest.version
+            ));
+        }
         let limit = self.config.max_package_mb << 20;
         if offer.size > limit {
             return Err(format!(

@@ -103,8 +103,11 @@ pub enum Command {
     /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
     /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
     Publish(publish::Args),
-    /// Send a signed rollback command: devices go back to a kept earlier model.
+    /// Send a signed rollback command: devices go back to a kept earlier model and refuse the
+    /// version they left until an `allow` command.
     Rollback(rollback::Args),
+    /// Send a signed allow command: devices admit again a version a rollback made them refuse.
+    Allow(rollback::AllowArgs),
     /// The whole product on this machine, no setup: MQTT broker (in-process), data, SimCLR
     /// pretraining, few-shot fine-tuning, evaluation, INT8 compression, a signed package rolled
     /// out over MQTT to an edge daemon that inspects a synthetic strip, and a summary checked
@@ -138,6 +141,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Publish(args) => publish::run(args),
         Command::Resign(args) => resign::run(args),
         Command::Rollback(args) => rollback::run(args),
+        Command::Allow(args) => rollback::run_allow(args),
         Command::Synth(args) => synth::run(args),
         Command::Pretrain(args) => pretrain::run(args, &device),
         Command::Finetune(args) => finetune::run(args, &device),
