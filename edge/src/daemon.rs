@@ -185,6 +185,7 @@ impl Daemon {
         };
         let review = self.review.clone();
         let metrics = self.metrics.clone();
+        let store = self.verdicts.clone();
         let inspection = Inspection::start(
             source,
             self.config.pipeline.clone(),
@@ -193,7 +194,9 @@ impl Daemon {
             self.stats.clone(),
             Arc::new(move |d: Decision| {
                 let Some((verdict, frame)) = recorder.record(d) else {
-                    metrics.verdicts_lost.inc();
+                    store
+                        .lost
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return;
                 };
                 if let Some(review) = &review

@@ -8,6 +8,8 @@
 //! - [`mqtt`] (feature `mqtt`, default): broker settings (TLS with client certificates, credentials) shared by both sides;
 //! - [`rollout`] (feature `mqtt`): the publisher — offer, chunks, missing-chunk repair, canary groups.
 
+#[cfg(all(test, feature = "mqtt"))]
+mod fuzz_seeds;
 pub mod messages;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;

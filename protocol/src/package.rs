@@ -424,7 +424,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ProtocolError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn manifest_for(weights: &[u8], version: u64) -> Manifest {

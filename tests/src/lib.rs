@@ -211,6 +211,26 @@ impl Broker {
 
     /// With the given listener configuration (TLS, passwords).
     pub fn start_with(dir: &Path, port: u16, listener: &str) -> Broker {
+        Self::start_conf(dir, port, listener, "persistence false\n")
+    }
+
+    /// Plain TCP with persistence on (sessions and queued messages survive a restart), as a
+    /// production broker runs.
+    pub fn start_persistent(dir: &Path, port: u16) -> Broker {
+        let store = dir.join(format!("mosquitto-{port}-db"));
+        std::fs::create_dir_all(&store).expect("mosquitto persistence dir");
+        Self::start_conf(
+            dir,
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+            &format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                store.display()
+            ),
+        )
+    }
+
+    fn start_conf(dir: &Path, port: u16, listener: &str, persistence: &str) -> Broker {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
@@ -218,7 +238,7 @@ impl Broker {
             // production broker should, docs/operations.md), so an oversized message cannot
             // sit in a device's queue.
             format!(
-                "{listener}persistence false\nmax_queued_messages 100000\nmax_packet_size {}\n",
+                "{listener}{persistence}max_queued_messages 100000\nmax_packet_size {}\n",
                 protocol::mqtt::MAX_PACKET
             ),
         )
@@ -255,6 +275,15 @@ impl Broker {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: mosquitto saves its persistence file and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { kill(c.id() as i32, 15) };
             let _ = c.wait();
         }
     }

@@ -8,28 +8,34 @@
 use std::time::{Duration, Instant};
 
 use e2e::{Edge, Fixtures, run, run_ok};
+use protocol::messages::Message;
 use protocol::{UndecidedCause, Verdict};
 
 fn get(url: &str) -> (u16, String) {
+    try_get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// An error while the daemon is not listening yet.
+fn try_get(url: &str) -> Result<(u16, String), ureq::Error> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let mut resp = agent
-        .get(url)
-        .call()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let mut resp = agent.get(url).call()?;
     let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().unwrap())
+    Ok((status, resp.body_mut().read_to_string()?))
 }
 
 fn metric(metrics: &str, name: &str) -> f64 {
+    metric_or(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+fn metric_or(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
 #[test]
@@ -85,7 +91,7 @@ fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
     let base = format!("http://127.0.0.1:{port}");
     let until = Instant::now() + Duration::from_secs(90);
     let verdicts: Vec<Verdict> = loop {
-        if let Ok(resp) = std::panic::catch_unwind(|| get(&format!("{base}/api/verdicts?since=0")))
+        if let Ok(resp) = try_get(&format!("{base}/api/verdicts?since=0"))
             && resp.0 == 200
         {
             let v: Vec<Verdict> = serde_json::from_str(&resp.1).unwrap();
@@ -192,4 +198,162 @@ fn local_tools_refuse_altered_packages() {
         "/../edge/models/neu-edge.edgepkg"
     );
     run_ok("edge", &["detect", "--model", factory, &image]);
+}
+
+/// A day offline, compressed: the broker stops (persistence on) while frames flow, the store
+/// fills a small real filesystem (a 48 MiB tmpfs when the test may mount one) past its budget's
+/// reserve (frames shed, verdicts kept), the edge is killed -9 with more than 1,000 verdicts
+/// pending, then broker and edge come back: every verdict decided before the kill reaches an
+/// independent `mosquitto_sub` consumer (persistent session, QoS 1); repeats are counted.
+/// OUTAGE_S (default 20) sets how long the broker stays down at least; `scripts/faults/outage`
+/// runs it with 60.
+#[test]
+fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
+    let files = Fixtures::new("outage");
+    let public = files.keygen("fleet");
+    files.synth(1, 5);
+    let model = files.init_model("m", "nano", 0);
+    e2e::package(
+        &model,
+        &files.path("keys/fleet.key"),
+        1,
+        &files.golden("crazing_1.jpg"),
+        &files.path("v1.edgepkg"),
+    );
+    let outage = Duration::from_secs(
+        std::env::var("OUTAGE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+    // The edge's state on its own small filesystem where the test may mount one.
+    let state = files.path("state-fs");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&state)
+        .status()
+        .is_ok_and(|s| s.success());
+    struct Unmount(std::path::PathBuf, bool);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if self.1 {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+    }
+    let _unmount = Unmount(state.clone(), mounted);
+    if !mounted {
+        eprintln!(
+            "note: cannot mount a tmpfs here; the store budget is tested on the ordinary disk"
+        );
+    }
+
+    let port = e2e::free_port();
+    let mut broker = e2e::Broker::start_persistent(&files.dir, port);
+    let received = files.path("consumer.txt");
+    let mut consumer = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-c"])
+        .args(["-i", "verdict-consumer", "-t", "edgeinsp/+/+/+/verdict"])
+        .stdout(std::fs::File::create(&received).unwrap())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let http = e2e::free_port();
+    let config = format!(
+        "{}\n[storage]\ndir = \"{}\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nkeep_alive_s = 2\n\n\
+         [source]\nkind = \"synthetic\"\nfps = 60\n\n[pipeline]\non_full = \"block\"\n\n\
+         [store]\nkeep_frames = \"all\"\ndisk_budget_mb = 4\nreserve_mb = 1\n\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n",
+        e2e::offline_edge_config("cam1", &[], &public, &files.path("v1.edgepkg"), "")
+            .replace("[storage]\ndir = \"state\"\n", ""),
+        state.display()
+    );
+    let mut edge = Edge::start(&files.dir, "cam1", &config);
+    let base = format!("http://127.0.0.1:{http}");
+    let metrics = || {
+        try_get(&format!("{base}/metrics"))
+            .ok()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, m)| m)
+    };
+    let wait_for = |what: &str, until: Duration, ok: &dyn Fn(&str) -> bool| -> String {
+        let end = Instant::now() + until;
+        loop {
+            if let Some(m) = metrics()
+                && ok(&m)
+            {
+                return m;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    wait_for("verdicts delivered", Duration::from_secs(60), &|m| {
+        metric_or(m, "edge_verdicts_total{result=\"pass\"}").unwrap_or(0.0)
+            + metric_or(m, "edge_verdicts_total{result=\"fail\"}").unwrap_or(0.0)
+            > 50.0
+    });
+    // The broker goes away (SIGTERM: it saves its persistence file) while frames keep coming.
+    broker.stop();
+    let down = Instant::now();
+    let m = wait_for("1,000 verdicts pending", Duration::from_secs(180), &|m| {
+        metric_or(m, "edge_outbox_pending").unwrap_or(0.0) >= 1000.0
+    });
+    std::thread::sleep(outage.saturating_sub(down.elapsed()));
+    let m = metrics().unwrap_or(m);
+    assert!(metric(&m, "edge_frames_shed_total") > 0.0, "{m}");
+    assert!(metric(&m, "edge_store_bytes") <= (4 << 20) as f64, "{m}");
+    assert_eq!(metric(&m, "edge_verdicts_lost_total"), 0.0, "{m}");
+    edge.kill9();
+    // Every id decided before the kill is in the store (ids have no gaps): the consumer must
+    // see them all.
+    let last_id = {
+        let store = edge::verdicts::store::VerdictStore::open(
+            &state.join("verdicts.sled"),
+            Default::default(),
+        )
+        .unwrap();
+        let last = store
+            .pending_after(0, usize::MAX)
+            .unwrap()
+            .last()
+            .unwrap()
+            .0;
+        eprintln!("killed -9 with {} verdicts pending", store.pending());
+        assert!(store.pending() >= 1000);
+        last
+    };
+    broker.restart();
+    edge.restart();
+    let end = Instant::now() + Duration::from_secs(120);
+    let (seen, repeats) = loop {
+        let text = std::fs::read_to_string(&received).unwrap_or_default();
+        let ids: Vec<u64> = text
+            .lines()
+            .filter_map(|l| Verdict::decode(l.as_bytes()).ok())
+            .map(|v| v.id)
+            .collect();
+        let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        if (1..=last_id).all(|id| distinct.contains(&id)) {
+            break (distinct.len(), ids.len() - distinct.len());
+        }
+        assert!(
+            Instant::now() < end,
+            "the consumer is missing {:?}... of 1..={last_id}\n{}",
+            (1..=last_id)
+                .filter(|id| !distinct.contains(id))
+                .take(10)
+                .collect::<Vec<_>>(),
+            edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "consumer: all {last_id} verdicts decided before the kill arrived ({seen} distinct so far, {repeats} repeats, outage {:.0} s, tmpfs: {mounted})",
+        down.elapsed().as_secs_f64()
+    );
+    let _ = consumer.kill();
+    let _ = consumer.wait();
 }

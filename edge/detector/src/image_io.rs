@@ -17,8 +17,18 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<DynamicImage, String> {
         ImageFormat::Png => png_complete(bytes).map_err(|e| format!("{name}: {e}"))?,
         _ => {}
     }
-    let image = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| format!("{name}: cannot decode {format:?}: {e}"))?;
+    // A decoder bug must not take the caller down: zune-jpeg 0.5.15 panics in its AVX2 IDCT on
+    // some malformed JPEGs (found by the `images` fuzz target; the input is in its corpus).
+    let decoded = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, format))
+        .map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("{name}: the {format:?} decoder failed on this file ({what})")
+    })?;
+    let image = decoded.map_err(|e| format!("{name}: cannot decode {format:?}: {e}"))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(format!("{name}: empty image (0 pixels)"));
     }
@@ -89,6 +99,65 @@ mod tests {
         }
         let e = decode(b"hello", "x.jpg").unwrap_err();
         assert!(e.contains("x.jpg: not an image"), "{e}");
+    }
+
+    /// The committed seeds of the `images` fuzz target (`protocol/fuzz/corpus/images`): a small
+    /// grey and colour image in each format. `FUZZ_CORPUS_WRITE=1` rewrites them.
+    #[test]
+    fn fuzz_seeds_are_committed_and_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../protocol/fuzz/corpus/images");
+        let write = std::env::var_os("FUZZ_CORPUS_WRITE").is_some();
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let grey = image::GrayImage::from_fn(32, 24, |x, y| image::Luma([(x * 7 + y * 3) as u8]));
+        let rgb = image::RgbImage::from_fn(24, 16, |x, y| {
+            image::Rgb([(x * 9) as u8, (y * 13) as u8, ((x + y) * 5) as u8])
+        });
+        for (name, img, format) in [
+            (
+                "grey.jpg",
+                DynamicImage::ImageLuma8(grey.clone()),
+                ImageFormat::Jpeg,
+            ),
+            (
+                "grey.png",
+                DynamicImage::ImageLuma8(grey.clone()),
+                ImageFormat::Png,
+            ),
+            ("grey.bmp", DynamicImage::ImageLuma8(grey), ImageFormat::Bmp),
+            (
+                "rgb.jpg",
+                DynamicImage::ImageRgb8(rgb.clone()),
+                ImageFormat::Jpeg,
+            ),
+            ("rgb.png", DynamicImage::ImageRgb8(rgb), ImageFormat::Png),
+        ] {
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, format).unwrap();
+            let bytes = out.into_inner();
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let committed = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (FUZZ_CORPUS_WRITE=1)", path.display()));
+            assert!(
+                committed == bytes,
+                "{} is stale (FUZZ_CORPUS_WRITE=1)",
+                path.display()
+            );
+            assert!(decode(&committed, name).is_ok());
+        }
+    }
+
+    /// A malformed JPEG on which zune-jpeg's AVX2 IDCT panics (found by fuzzing): an error.
+    #[test]
+    fn a_decoder_panic_is_an_error() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../protocol/fuzz/corpus/images/regress-zune-jpeg-avx2-idct-panic.jpg");
+        let bytes = std::fs::read(path).unwrap();
+        assert!(decode(&bytes, "crash.jpg").is_err());
     }
 
     /// The real NEU-DET image the fault report used: its first 3,000 bytes are refused.

@@ -67,7 +67,14 @@ impl Inspection {
                 .spawn(move || {
                     let mut next_seq = 0;
                     while !stop.load(Ordering::SeqCst) {
-                        match source.next_frame() {
+                        // A source that panics (a driver or decoder bug) ends like a fatal
+                        // error: logged, the queue closed, `/readyz` false.
+                        let next =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| source.next_frame()))
+                                .unwrap_or_else(|_| {
+                                    Err(SourceError::Fatal("the source panicked".into()))
+                                });
+                        match next {
                             Ok(Some(frame)) => {
                                 stats.frames_in.fetch_add(1, Ordering::Relaxed);
                                 next_seq = frame.seq + 1;

@@ -116,6 +116,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
         m.queue_depth.set(q.len() as i64);
     }
     m.outbox_pending.set(s.store.pending() as i64);
+    sync_counter(&m.verdicts_lost, s.store.lost.load(Ordering::Relaxed));
+    sync_counter(&m.frames_shed, s.store.frames_shed.load(Ordering::Relaxed));
+    m.store_bytes.set(s.store.usage() as i64);
+    m.store_in_reserve.set(s.store.in_reserve() as i64);
     sync_counter(
         &m.inference_restarts,
         s.stats.inference_restarts.load(Ordering::Relaxed),

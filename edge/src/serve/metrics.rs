@@ -24,8 +24,10 @@ pub struct Metrics {
     pub verdicts: Family<ResultLabel, Counter>,
     /// Undecided (fail-safe) verdicts by cause.
     pub undecided: Family<CauseLabel, Counter>,
-    /// Verdicts that could not be stored (lost): the alarm.
-    pub verdicts_lost: Counter,
+    pub(super) verdicts_lost: Counter,
+    pub(super) frames_shed: Counter,
+    pub(super) store_bytes: Gauge,
+    pub(super) store_in_reserve: Gauge,
     /// Frame taken by the detector stage -> verdict, seconds.
     pub latency: Histogram,
     pub(super) frames: Counter,
@@ -52,6 +54,9 @@ impl Default for Metrics {
             verdicts: Family::default(),
             undecided: Family::default(),
             verdicts_lost: Counter::default(),
+            frames_shed: Counter::default(),
+            store_bytes: Gauge::default(),
+            store_in_reserve: Gauge::default(),
             inference_restarts: Counter::default(),
             inference_running: Gauge::default(),
             inference_stalled: Gauge::default(),
@@ -87,8 +92,23 @@ impl Default for Metrics {
         }
         registry.register(
             "verdicts_lost",
-            "Verdicts that could not be stored (alarm: must stay 0)",
+            "Verdicts not stored, or dropped undelivered because they alone filled the store's budget (alarm: must stay 0)",
             m.verdicts_lost.clone(),
+        );
+        registry.register(
+            "frames_shed",
+            "Frames (with crops) removed or not kept to keep the store's reserve for verdicts",
+            m.frames_shed.clone(),
+        );
+        registry.register(
+            "store_bytes",
+            "Bytes the verdict store holds (verdicts, outbox, frames, crops; store.disk_budget_mb)",
+            m.store_bytes.clone(),
+        );
+        registry.register(
+            "store_in_reserve",
+            "1 while the store is in its reserve: frames are shed, verdicts still stored (alarm)",
+            m.store_in_reserve.clone(),
         );
         registry.register(
             "inference_restarts",

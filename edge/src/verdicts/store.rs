@@ -2,9 +2,15 @@
 //! and flushed to disk before it is published; defect crops and frames are kept as JPEG; old
 //! verdicts and images go by count, age and bytes. The outbox is never trimmed by retention:
 //! what was decided is delivered.
+//!
+//! The disk budget (`disk_budget_mb`, counting the bytes the store holds: verdicts, outbox,
+//! frames and crops) is kept in this order: frames and crops go first (the oldest), then
+//! delivered verdicts (the oldest); the last `reserve_mb` of the budget takes verdicts only
+//! (new frames are shed, counted); only when undelivered verdicts alone fill the whole budget is
+//! the oldest of them dropped to store the new one, counted as lost (the alarm).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use image::GrayImage;
 use protocol::Verdict;
@@ -43,6 +49,21 @@ pub struct StoreConfig {
     /// a long run fills: resident memory then grows with the store).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Bytes the store may hold (verdicts, outbox, frames, crops), MiB. Sled's files take up to
+    /// about twice that on disk (its log is compacted in the background).
+    #[serde(default = "default_budget_mb")]
+    pub disk_budget_mb: u64,
+    /// The last part of the budget, MiB, kept for verdicts: once the store reaches it, frames and
+    /// crops are no longer kept (shed, counted) and the oldest images are removed.
+    #[serde(default = "default_reserve_mb")]
+    pub reserve_mb: u64,
+}
+
+fn default_budget_mb() -> u64 {
+    4096
+}
+fn default_reserve_mb() -> u64 {
+    256
 }
 
 fn default_cache_mb() -> u64 {
@@ -74,6 +95,8 @@ impl Default for StoreConfig {
             keep_frames: default_keep_frames(),
             jpeg_quality: default_quality(),
             cache_mb: default_cache_mb(),
+            disk_budget_mb: default_budget_mb(),
+            reserve_mb: default_reserve_mb(),
         }
     }
 }
@@ -91,6 +114,13 @@ pub struct VerdictStore {
     /// entries) and /metrics on every scrape.
     stored: AtomicUsize,
     queued: AtomicUsize,
+    /// Bytes of the values in `verdicts` and `outbox`, counted the same way.
+    stored_bytes: AtomicU64,
+    queued_bytes: AtomicU64,
+    /// Frames (with their crops) removed or not kept to stay out of the reserve.
+    pub frames_shed: AtomicU64,
+    /// Undelivered verdicts dropped because they alone filled the budget (the alarm).
+    pub lost: AtomicU64,
 }
 
 /// Big-endian id: sled keys that sort in id order.
@@ -131,9 +161,24 @@ impl VerdictStore {
             .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let verdicts = db.open_tree("verdicts")?;
         let outbox = db.open_tree("outbox")?;
+        let count = |t: &sled::Tree| -> Result<(usize, u64), StoreError> {
+            let (mut n, mut bytes) = (0, 0);
+            for entry in t.iter() {
+                let (_, v) = entry?;
+                n += 1;
+                bytes += v.len() as u64;
+            }
+            Ok((n, bytes))
+        };
+        let (stored, stored_bytes) = count(&verdicts)?;
+        let (queued, queued_bytes) = count(&outbox)?;
         Ok(Self {
-            stored: AtomicUsize::new(verdicts.len()),
-            queued: AtomicUsize::new(outbox.len()),
+            stored: AtomicUsize::new(stored),
+            queued: AtomicUsize::new(queued),
+            stored_bytes: AtomicU64::new(stored_bytes),
+            queued_bytes: AtomicU64::new(queued_bytes),
+            frames_shed: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
             verdicts,
             outbox,
             images: db.open_tree("images")?,
@@ -152,6 +197,12 @@ impl VerdictStore {
     pub fn record(&self, verdict: &Verdict, frame: &GrayImage) -> Result<(), StoreError> {
         let bytes = verdict.encode();
         let k = key(verdict.id);
+        let budget = self.config.disk_budget_mb << 20;
+        let reserve_floor = budget.saturating_sub(self.config.reserve_mb << 20);
+        let need = 2 * bytes.len() as u64;
+        if self.usage() + need > budget {
+            self.make_room(budget.saturating_sub(need))?;
+        }
         let (was_stored, was_queued) = (&self.verdicts, &self.outbox)
             .transaction(|(v, o)| {
                 let stored = v.insert(&k, bytes.as_slice())?.is_some();
@@ -161,15 +212,30 @@ impl VerdictStore {
             .map_err(|e| StoreError(format!("{e:?}")))?;
         if !was_stored {
             self.stored.fetch_add(1, Ordering::Relaxed);
+            self.stored_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         if !was_queued {
             self.queued.fetch_add(1, Ordering::Relaxed);
+            self.queued_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         let keep_frame = match self.config.keep_frames {
             KeepFrames::All => true,
             KeepFrames::Failed => !verdict.pass,
             KeepFrames::None => false,
         };
+        if self.usage() > reserve_floor {
+            // In the reserve: verdicts only. Old images make room for getting out of it.
+            self.drop_images_until(reserve_floor)?;
+            if self.usage() > reserve_floor {
+                if keep_frame || verdict.defects.iter().any(|d| d.fails) {
+                    self.frames_shed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.db.flush()?;
+                return Ok(());
+            }
+        }
         let mut added = 0u64;
         // A frame that never decoded (undecided, cause bad_frame) has no pixels to keep.
         if keep_frame && frame.width() > 0 && frame.height() > 0 {
@@ -204,6 +270,8 @@ impl VerdictStore {
                     .unwrap_or(0);
                 Some((now + added).to_be_bytes().to_vec())
             })?;
+            // The newest images push the oldest out of the part of the budget they may use.
+            self.drop_images_until(reserve_floor)?;
         }
         self.db.flush()?;
         Ok(())
@@ -217,6 +285,93 @@ impl VerdictStore {
                 v.to_vec(),
             )
         }))
+    }
+
+    /// Bytes the store holds: verdicts, outbox, frames and crops (what the budget counts).
+    pub fn usage(&self) -> u64 {
+        self.image_bytes()
+            + self.stored_bytes.load(Ordering::Relaxed)
+            + self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store is in its reserve (frames are being shed).
+    pub fn in_reserve(&self) -> bool {
+        let budget = self.config.disk_budget_mb << 20;
+        self.usage() > budget.saturating_sub(self.config.reserve_mb << 20)
+    }
+
+    /// Removes the oldest verdicts' frames and crops until the store holds at most `target`
+    /// bytes or no image is left.
+    fn drop_images_until(&self, target: u64) -> Result<(), StoreError> {
+        while self.usage() > target {
+            let Some((first, _)) = self.images.first()? else {
+                break;
+            };
+            self.remove_images(&first[..8])?;
+            self.frames_shed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn remove_images(&self, prefix: &[u8]) -> Result<(), StoreError> {
+        let mut freed = 0u64;
+        for entry in self.images.scan_prefix(prefix) {
+            let (ik, iv) = entry?;
+            freed += iv.len() as u64;
+            self.images.remove(ik)?;
+        }
+        if freed > 0 {
+            self.meta.update_and_fetch("image_bytes", |old| {
+                let now = old
+                    .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                    .unwrap_or(0);
+                Some(now.saturating_sub(freed).to_be_bytes().to_vec())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Brings the store down to `target` bytes: images first, then delivered verdicts, then (the
+    /// budget is full of undelivered verdicts) the oldest undelivered ones, counted as lost.
+    fn make_room(&self, target: u64) -> Result<(), StoreError> {
+        self.drop_images_until(target)?;
+        while self.usage() > target {
+            let Some((k, v)) = self.verdicts.first()? else {
+                break;
+            };
+            if self.outbox.contains_key(&k)? {
+                break;
+            }
+            self.remove_verdict(&k, v.len() as u64)?;
+        }
+        while self.usage() > target {
+            let Some((k, v)) = self.outbox.first()? else {
+                break;
+            };
+            let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            tracing::error!(
+                "store budget ({} MiB) full of undelivered verdicts: verdict {id} dropped (lost)",
+                self.config.disk_budget_mb
+            );
+            if self.outbox.remove(&k)?.is_some() {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.queued_bytes
+                    .fetch_sub(v.len() as u64, Ordering::Relaxed);
+            }
+            if let Some(sv) = self.verdicts.get(&k)? {
+                self.remove_verdict(&k, sv.len() as u64)?;
+            }
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn remove_verdict(&self, k: &[u8], len: u64) -> Result<(), StoreError> {
+        if self.verdicts.remove(k)?.is_some() {
+            self.stored.fetch_sub(1, Ordering::Relaxed);
+            self.stored_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        self.remove_images(k)
     }
 
     /// Queued verdicts with id > `after`, oldest first, at most `limit`.
@@ -251,22 +406,26 @@ impl VerdictStore {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        let mut removed = 0;
+        let (mut removed, mut bytes) = (0, 0);
         for &id in ids {
-            if self.outbox.contains_key(key(id))? {
+            if let Some(v) = self.outbox.get(key(id))? {
                 batch.remove(&key(id));
                 removed += 1;
+                bytes += v.len() as u64;
             }
         }
         self.outbox.apply_batch(batch)?;
         self.queued.fetch_sub(removed, Ordering::Relaxed);
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         Ok(())
     }
 
     /// The broker acknowledged the verdict: it leaves the outbox.
     pub fn delivered(&self, id: u64) -> Result<(), StoreError> {
-        if self.outbox.remove(key(id))?.is_some() {
+        if let Some(v) = self.outbox.remove(key(id))? {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued_bytes
+                .fetch_sub(v.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -330,23 +489,7 @@ impl VerdictStore {
             if !(too_many || too_old || too_big) {
                 break;
             }
-            if self.verdicts.remove(&k)?.is_some() {
-                self.stored.fetch_sub(1, Ordering::Relaxed);
-            }
-            let mut freed = 0u64;
-            for entry in self.images.scan_prefix(&k) {
-                let (ik, iv) = entry?;
-                freed += iv.len() as u64;
-                self.images.remove(ik)?;
-            }
-            if freed > 0 {
-                self.meta.update_and_fetch("image_bytes", |old| {
-                    let now = old
-                        .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                        .unwrap_or(0);
-                    Some(now.saturating_sub(freed).to_be_bytes().to_vec())
-                })?;
-            }
+            self.remove_verdict(&k, v.len() as u64)?;
             removed += 1;
         }
         Ok(removed)
@@ -447,5 +590,59 @@ mod tests {
             (store.len(), store.pending()),
             (store.verdicts.len(), store.outbox.len())
         );
+    }
+
+    /// A store offline for long: frames go first (shed in the reserve), verdicts stay within
+    /// the budget, and only when undelivered verdicts alone fill it are the oldest dropped,
+    /// counted; the accounting survives a reopen.
+    #[test]
+    fn the_disk_budget_sheds_frames_first_then_counts_lost_verdicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sled");
+        // Noise compresses badly: each 256x256 frame is tens of KB of JPEG.
+        let mut x = 12345u32;
+        let frame = GrayImage::from_fn(256, 256, |_, _| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            image::Luma([(x >> 24) as u8])
+        });
+        let config = StoreConfig {
+            keep_frames: KeepFrames::All,
+            disk_budget_mb: 2,
+            reserve_mb: 1,
+            ..Default::default()
+        };
+        let budget = 2u64 << 20;
+        let store = VerdictStore::open(&path, config.clone()).unwrap();
+        for _ in 0..60 {
+            let id = store.next_id().unwrap();
+            store.record(&verdict(id, false, 1), &frame).unwrap();
+            assert!(store.usage() <= budget, "{} > {budget}", store.usage());
+        }
+        assert!(store.frames_shed.load(Ordering::Relaxed) > 0);
+        assert!(
+            store.image_bytes() <= 1 << 20,
+            "frames stay out of the reserve"
+        );
+        assert_eq!(store.pending(), 60, "every verdict kept");
+        assert_eq!(store.lost.load(Ordering::Relaxed), 0);
+        // Thousands of verdicts while offline: the budget holds, the newest are kept.
+        for _ in 0..8000 {
+            let id = store.next_id().unwrap();
+            store.record(&verdict(id, true, 1), &frame).unwrap();
+        }
+        assert!(store.usage() <= budget);
+        let lost = store.lost.load(Ordering::Relaxed);
+        assert!(
+            lost > 0,
+            "8,060 verdicts of ~300 bytes twice do not fit in 2 MiB"
+        );
+        assert_eq!(store.pending() as u64 + lost, 8060);
+        let newest = store.pending_after(0, usize::MAX).unwrap();
+        assert_eq!(newest.last().unwrap().0, store.next_id().unwrap() - 1);
+        assert_eq!(newest.first().unwrap().0, lost + 1, "the oldest went first");
+        let usage = store.usage();
+        drop(store);
+        let store = VerdictStore::open(&path, config).unwrap();
+        assert_eq!(store.usage(), usage);
     }
 }
