@@ -942,3 +942,108 @@ fn hostile_input_costs_no_disk_writes_and_no_crash() {
     assert!(ok, "{out}\n{}", edge.log());
     online_with(&w, "cam1", 2);
 }
+
+/// kill -9 (an abort at a fault point: no cleanup, no flush) at 20 places of a rollout, from the
+/// stored offer through the chunks, the window between the last chunk and the switch (finalize,
+/// package written, staged, self-tested, state saved, event saved, activated, reported) to the
+/// trial's confirmation; after each restart a valid model is active and the same rollout
+/// completes.
+#[test]
+fn kill9_at_20_points_of_a_rollout_leaves_a_valid_model_and_completes() {
+    let f = fixture();
+    let package = Package::read(&f.path("v2.edgepkg")).unwrap();
+    let n = package.weights.len().div_ceil(64 << 10);
+    let mut points: Vec<String> = ["offer".to_string()]
+        .into_iter()
+        .chain(
+            [1, 2, 3, 4, n / 4, n / 2, 3 * n / 4, n - 1, n]
+                .iter()
+                .map(|k| format!("chunk-{k}")),
+        )
+        .collect();
+    points.extend(
+        [
+            "finalize",
+            "transfer-dropped",
+            "package-written",
+            "staged",
+            "self-tested",
+            "state-saved",
+            "event-saved",
+            "activated",
+            "reported",
+            "confirmed",
+        ]
+        .map(String::from),
+    );
+    assert_eq!(points.len(), 20);
+    for point in &points {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::start(dir.path());
+        let w = Watcher::start(broker.port);
+        let config = edge_config(
+            "cam1",
+            &[],
+            broker.port,
+            &f.fleet_pub,
+            &f.path("v1.edgepkg"),
+            "confirm_after_s = 2",
+        );
+        let fault = format!("abort:{point}");
+        let mut edge =
+            Edge::start_with_env(dir.path(), "cam1", &config, &[("EDGE_FAULTS", &fault)]);
+        online_with(&w, "cam1", 1);
+        let (pkg, addr) = (f.p("v2.edgepkg"), broker.addr());
+        let publisher = std::thread::spawn(move || {
+            run(
+                "trainer",
+                &[
+                    "publish",
+                    &pkg,
+                    "--broker",
+                    &addr,
+                    "--site",
+                    "test",
+                    "--to",
+                    "device:cam1",
+                    "--chunk-kib",
+                    "64",
+                    "--timeout",
+                    "90",
+                ],
+            )
+        });
+        let until = std::time::Instant::now() + T;
+        while edge.is_running() {
+            assert!(
+                std::time::Instant::now() < until,
+                "{point}: the fault point was never reached\n{}",
+                edge.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            edge.log().contains(&format!("abort at `{point}`")),
+            "{point}: {}",
+            edge.log()
+        );
+        edge.env.clear();
+        edge.restart();
+        let (ok, out) = publisher.join().unwrap();
+        assert!(
+            ok,
+            "{point}: the rollout did not complete:\n{out}\n{}",
+            edge.log()
+        );
+        let s = online_with(&w, "cam1", 2);
+        assert_eq!(
+            s.active.unwrap().sha256,
+            protocol::Manifest::from_json(&package.manifest_bytes)
+                .unwrap()
+                .weights
+                .sha256,
+            "{point}"
+        );
+        eprintln!("kill -9 at `{point}`: restarted, v2 active, rollout complete");
+    }
+}

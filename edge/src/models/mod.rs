@@ -200,6 +200,7 @@ impl ModelLifecycle {
     pub fn confirm_trial(&mut self) {
         self.trial_deadline = None;
         if self.store.confirm().unwrap_or(false) {
+            crate::faults::point("confirmed");
             tracing::info!("model confirmed after {} s", self.config.confirm_after_s);
             self.publish_status();
         }

@@ -293,6 +293,7 @@ impl ModelLifecycle {
             tracing::error!("transfer store: {e}");
             return;
         }
+        crate::faults::point("offer");
         tracing::info!(
             "receiving {} v{}: {} bytes in {} chunks",
             manifest.id,
@@ -362,6 +363,9 @@ impl ModelLifecycle {
         }
         t.have[index] = true;
         t.have_count += 1;
+        if crate::faults::COMPILED_IN {
+            crate::faults::point(&format!("chunk-{}", t.have_count));
+        }
         if t.have_count == t.count() {
             self.finalize().await;
         } else if t.have_count % (t.count() / 10).max(1) == 0
@@ -403,6 +407,7 @@ impl ModelLifecycle {
         let Some(t) = self.current.take() else {
             return;
         };
+        crate::faults::point("finalize");
         let mut weights = Vec::with_capacity(t.offer.size as usize);
         let mut read_ok = true;
         for entry in self.chunks.scan_prefix(t.id) {
@@ -415,6 +420,7 @@ impl ModelLifecycle {
             }
         }
         let _ = self.drop_transfer_key(&t.id);
+        crate::faults::point("transfer-dropped");
         let version = Some(t.manifest.version);
         if !read_ok {
             self.refuse(&t.hex, version, "transfer store unreadable".into());
@@ -445,7 +451,9 @@ impl ModelLifecycle {
                 return;
             }
         };
+        crate::faults::point("package-written");
         self.report(self.base_report(&t.hex, version, ReportState::Staged));
+        crate::faults::point("staged");
         tracing::info!(
             "staged {} v{}: self-test",
             t.manifest.id,
@@ -459,24 +467,29 @@ impl ModelLifecycle {
         });
         match checked {
             Ok(detector) => {
+                crate::faults::point("self-tested");
                 let previous = self.store.state.active.as_ref().map(|m| m.version);
                 if let Err(e) = self.store.switch_to(installed.clone(), true) {
                     self.refuse(&t.hex, version, format!("cannot switch: {e}"));
                     return;
                 }
+                crate::faults::point("state-saved");
                 let _ = self.store.set_event(format!(
                     "activated {} v{} (was {})",
                     installed.id,
                     installed.version,
                     previous.map(|v| format!("v{v}")).unwrap_or("none".into())
                 ));
+                crate::faults::point("event-saved");
                 *self.active.write().expect("lock") = Some((installed, Arc::new(detector)));
+                crate::faults::point("activated");
                 self.trial_deadline = Some(
                     tokio::time::Instant::now() + Duration::from_secs(self.config.confirm_after_s),
                 );
                 tracing::info!("activated {} v{}", t.manifest.id, t.manifest.version);
                 let report = self.base_report(&t.hex, version, ReportState::Activated);
                 self.finish(report);
+                crate::faults::point("reported");
             }
             Err(e) => {
                 self.store.discard(&installed);
