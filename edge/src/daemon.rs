@@ -114,7 +114,7 @@ impl Daemon {
                     QoS::AtLeastOnce,
                     true,
                 ));
-                let conn = Connection::start(options, self.models.subscriptions());
+                let conn = Connection::start_device(options, self.models.subscriptions());
                 self.models.set_client(conn.client.clone());
                 Some(conn)
             }

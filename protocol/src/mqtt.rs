@@ -111,6 +111,9 @@ impl BrokerConfig {
 /// [`crate::messages::MAX_JSON_BYTES`]; a chunk is at most half of it) plus topic and headers.
 pub const MAX_PACKET: usize = crate::messages::MAX_JSON_BYTES + (16 << 10);
 
+/// Incoming messages a device holds while busy (see [`Connection::start_device`]).
+pub const DEVICE_QUEUE: usize = 64;
+
 /// An incoming message.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -142,7 +145,14 @@ impl Connection {
     /// Starts the event loop. `on_connect` subscriptions are (re)made on every connection, so
     /// a broker restart without persistence loses nothing we listen to.
     pub fn start(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
-        Self::start_inner(options, subscriptions, None)
+        Self::start_inner(options, subscriptions, None, 1024)
+    }
+
+    /// [`Connection::start`] for a device: at most [`DEVICE_QUEUE`] incoming messages wait
+    /// while the device is busy (a self-test), so memory stays under `DEVICE_QUEUE` x
+    /// [`MAX_PACKET`]; beyond it the client stops reading and the broker holds the rest.
+    pub fn start_device(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
+        Self::start_inner(options, subscriptions, None, DEVICE_QUEUE)
     }
 
     /// Like [`Connection::start`], also reporting when publishes go out and are acknowledged.
@@ -151,16 +161,20 @@ impl Connection {
         subscriptions: Vec<(String, QoS)>,
     ) -> (Connection, mpsc::UnboundedReceiver<AckEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self::start_inner(options, subscriptions, Some(tx)), rx)
+        (
+            Self::start_inner(options, subscriptions, Some(tx), 1024),
+            rx,
+        )
     }
 
     fn start_inner(
         options: MqttOptions,
         subscriptions: Vec<(String, QoS)>,
         acks: Option<mpsc::UnboundedSender<AckEvent>>,
+        queue: usize,
     ) -> Connection {
         let (client, eventloop) = AsyncClient::new(options, 256);
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(queue);
         let (up_tx, up_rx) = watch::channel(false);
         let task = tokio::spawn(drive(
             eventloop,

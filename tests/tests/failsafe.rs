@@ -156,6 +156,62 @@ fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
     );
 }
 
+/// A detector that panics on every batch: the supervisor restarts the loop with a growing
+/// back-off, `/readyz` says the loop is not running meanwhile, every frame gets the fail-safe
+/// verdict and the daemon stays up.
+#[test]
+fn a_panicking_detector_is_restarted_and_readiness_says_so() {
+    let files = Fixtures::new("supervision");
+    let public = files.keygen("fleet");
+    files.synth(1, 2);
+    let model = files.init_model("m", "nano", 0);
+    e2e::package(
+        &model,
+        &files.path("keys/fleet.key"),
+        1,
+        &files.golden("crazing_1.jpg"),
+        &files.path("v1.edgepkg"),
+    );
+    let port = e2e::free_port();
+    let config = format!(
+        "{}\n[source]\nkind = \"synthetic\"\nfps = 20\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
+        e2e::offline_edge_config("cam1", &[], &public, &files.path("v1.edgepkg"), ""),
+    );
+    let mut edge = Edge::start_with_env(
+        &files.dir,
+        "cam1",
+        &config,
+        &[("EDGE_FAULTS", "detect_panic:1-100000")],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut seen = false;
+    while !seen {
+        assert!(
+            Instant::now() < until,
+            "readiness never said the loop was down:\n{}",
+            edge.log()
+        );
+        if let Ok((503, body)) = try_get(&format!("{base}/readyz")) {
+            seen = body.contains("inference loop is not running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let a few restarts happen (100, 200, 400 ms...).
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, m) = get(&format!("{base}/metrics"));
+    assert!(metric(&m, "edge_inference_restarts_total") >= 3.0, "{m}");
+    assert!(
+        metric(&m, "edge_undecided_total{cause=\"inference_failed\"}") >= 3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_or(&m, "edge_verdicts_total{result=\"pass\"}").unwrap_or(0.0),
+        0.0
+    );
+    assert!(edge.is_running());
+}
+
 #[test]
 fn local_tools_refuse_altered_packages() {
     let files = Fixtures::new("package-trust");
@@ -264,7 +320,7 @@ fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
     let config = format!(
         "{}\n[storage]\ndir = \"{}\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nkeep_alive_s = 2\n\n\
          [source]\nkind = \"synthetic\"\nfps = 60\n\n[pipeline]\non_full = \"block\"\n\n\
-         [store]\nkeep_frames = \"all\"\ndisk_budget_mb = 4\nreserve_mb = 1\n\n\
+         [store]\nkeep_frames = \"all\"\ndisk_budget_mb = 3\nreserve_mb = 3\n\n\
          [http]\nlisten = \"127.0.0.1:{http}\"\n",
         e2e::offline_edge_config("cam1", &[], &public, &files.path("v1.edgepkg"), "")
             .replace("[storage]\ndir = \"state\"\n", ""),
@@ -304,7 +360,10 @@ fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
     std::thread::sleep(outage.saturating_sub(down.elapsed()));
     let m = metrics().unwrap_or(m);
     assert!(metric(&m, "edge_frames_shed_total") > 0.0, "{m}");
-    assert!(metric(&m, "edge_store_bytes") <= (4 << 20) as f64, "{m}");
+    // The whole budget is reserve (the store unit test covers the order frames, then
+    // verdicts): every new frame is shed, verdicts are stored, the alarm is up.
+    assert_eq!(metric(&m, "edge_store_in_reserve"), 1.0, "{m}");
+    assert!(metric(&m, "edge_store_bytes") <= (3 << 20) as f64, "{m}");
     assert_eq!(metric(&m, "edge_verdicts_lost_total"), 0.0, "{m}");
     edge.kill9();
     // Every id decided before the kill is in the store (ids have no gaps): the consumer must

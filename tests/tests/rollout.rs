@@ -879,6 +879,16 @@ fn hostile_input_costs_no_disk_writes_and_no_crash() {
         )
     };
     let before = std::fs::metadata(&state).unwrap().modified().unwrap();
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let pid = edge.pid().unwrap();
+    let rss_before = rss(pid);
     let package = Package::read(&f.path("v2.edgepkg")).unwrap();
     let rogue = read_signing_key(&f.path("keys/rogue.key")).unwrap();
     let unsigned = package.clone().resigned(&rogue);
@@ -933,6 +943,12 @@ fn hostile_input_costs_no_disk_writes_and_no_crash() {
     assert!(edge.is_running(), "{}", edge.log());
     let log = edge.log();
     assert!(!log.contains("connection lost"), "{log}");
+    let rss_after = rss(pid);
+    eprintln!("edge resident set: {rss_before} kB before the hostile input, {rss_after} kB after");
+    assert!(
+        rss_after < rss_before + 128 * 1024,
+        "memory grew from {rss_before} to {rss_after} kB"
+    );
     assert_eq!(
         std::fs::metadata(&state).unwrap().modified().unwrap(),
         before,
