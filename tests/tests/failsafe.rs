@@ -38,11 +38,12 @@ fn metric_or(metrics: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
-    let files = Fixtures::new("failsafe");
+/// A synthetic set (`per_class` images per class) and v1.edgepkg: an untrained nano detector
+/// signed with the fleet key; returns the fixtures and the fleet's public key.
+fn signed_nano_v1(prefix: &str, per_class: usize, seed: u64) -> (Fixtures, String) {
+    let files = Fixtures::new(prefix);
     let public = files.keygen("fleet");
-    files.synth(2, 7);
+    files.synth(per_class, seed);
     let model = files.init_model("m", "nano", 0);
     e2e::package(
         &model,
@@ -51,6 +52,12 @@ fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
         &files.golden("crazing_1.jpg"),
         &files.path("v1.edgepkg"),
     );
+    (files, public)
+}
+
+#[test]
+fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
+    let (files, public) = signed_nano_v1("failsafe", 2, 7);
     // Eight whole images, a JPEG cut in half (as an interrupted copy leaves it) and a file
     // that is no image at all, in name order.
     let frames = files.path("frames");
@@ -161,17 +168,7 @@ fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {
 /// verdict and the daemon stays up.
 #[test]
 fn a_panicking_detector_is_restarted_and_readiness_says_so() {
-    let files = Fixtures::new("supervision");
-    let public = files.keygen("fleet");
-    files.synth(1, 2);
-    let model = files.init_model("m", "nano", 0);
-    e2e::package(
-        &model,
-        &files.path("keys/fleet.key"),
-        1,
-        &files.golden("crazing_1.jpg"),
-        &files.path("v1.edgepkg"),
-    );
+    let (files, public) = signed_nano_v1("supervision", 1, 2);
     let port = e2e::free_port();
     let config = format!(
         "{}\n[source]\nkind = \"synthetic\"\nfps = 20\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n",
@@ -265,17 +262,7 @@ fn local_tools_refuse_altered_packages() {
 /// runs it with 60.
 #[test]
 fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
-    let files = Fixtures::new("outage");
-    let public = files.keygen("fleet");
-    files.synth(1, 5);
-    let model = files.init_model("m", "nano", 0);
-    e2e::package(
-        &model,
-        &files.path("keys/fleet.key"),
-        1,
-        &files.golden("crazing_1.jpg"),
-        &files.path("v1.edgepkg"),
-    );
+    let (files, public) = signed_nano_v1("outage", 1, 5);
     let outage = Duration::from_secs(
         std::env::var("OUTAGE_S")
             .ok()

@@ -128,6 +128,11 @@ pub(crate) fn key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
+/// The id of a [`key`].
+fn id_of(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
+}
+
 fn image_key(id: u64, n: u16) -> [u8; 10] {
     let mut k = [0u8; 10];
     k[..8].copy_from_slice(&id.to_be_bytes());
@@ -277,16 +282,6 @@ impl VerdictStore {
         Ok(())
     }
 
-    /// The oldest queued verdict.
-    pub fn next_pending(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self.outbox.first()?.map(|(k, v)| {
-            (
-                u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
-                v.to_vec(),
-            )
-        }))
-    }
-
     /// Bytes the store holds: verdicts, outbox, frames and crops (what the budget counts).
     pub fn usage(&self) -> u64 {
         self.image_bytes()
@@ -348,7 +343,7 @@ impl VerdictStore {
             let Some((k, v)) = self.outbox.first()? else {
                 break;
             };
-            let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let id = id_of(&k);
             tracing::error!(
                 "store budget ({} MiB) full of undelivered verdicts: verdict {id} dropped (lost)",
                 self.config.disk_budget_mb
@@ -387,10 +382,7 @@ impl VerdictStore {
             .take(limit)
         {
             let (k, v) = entry?;
-            out.push((
-                u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
-                v.to_vec(),
-            ));
+            out.push((id_of(&k), v.to_vec()));
         }
         Ok(out)
     }
@@ -422,12 +414,7 @@ impl VerdictStore {
 
     /// The broker acknowledged the verdict: it leaves the outbox.
     pub fn delivered(&self, id: u64) -> Result<(), StoreError> {
-        if let Some(v) = self.outbox.remove(key(id))? {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.queued_bytes
-                .fetch_sub(v.len() as u64, Ordering::Relaxed);
-        }
-        Ok(())
+        self.delivered_many(&[id])
     }
 
     pub fn pending(&self) -> usize {
@@ -548,7 +535,7 @@ mod tests {
                     .unwrap();
             }
             assert_eq!(store.pending(), 5);
-            let (first, _) = store.next_pending().unwrap().unwrap();
+            let (first, _) = store.pending_after(0, 1).unwrap()[0].clone();
             assert_eq!(first, ids[0]);
             store.delivered(first).unwrap();
             store.delivered(first).unwrap(); // a second acknowledgement changes nothing
