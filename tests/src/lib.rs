@@ -223,8 +223,11 @@ impl Broker {
             dir,
             port,
             &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+            // `user root`: mosquitto started as root otherwise drops to the `mosquitto` user,
+            // which cannot write the test's private directory, and its persistence silently
+            // fails (it has no effect for any other user).
             &format!(
-                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                "persistence true\npersistence_location {}/\nautosave_interval 1\nuser root\n",
                 store.display()
             ),
         )
@@ -290,6 +293,11 @@ impl Broker {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What mosquitto printed (connections, disconnections, errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -341,6 +341,16 @@ fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
     // The broker goes away (SIGTERM: it saves its persistence file) while frames keep coming.
     broker.stop();
     let down = Instant::now();
+    // The consumer's session and the verdicts queued for it are in the broker's file, or the
+    // consumer would race the edge's drain after the restart.
+    assert!(
+        files
+            .dir
+            .join(format!("mosquitto-{port}-db/mosquitto.db"))
+            .exists(),
+        "mosquitto saved no persistence file:\n{}",
+        broker.log()
+    );
     let m = wait_for("1,000 verdicts pending", Duration::from_secs(180), &|m| {
         metric_or(m, "edge_outbox_pending").unwrap_or(0.0) >= 1000.0
     });
@@ -387,11 +397,22 @@ fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
         }
         assert!(
             Instant::now() < end,
-            "the consumer is missing {:?}... of 1..={last_id}\n{}",
+            "the consumer is missing {:?}... of 1..={last_id} (it has {} distinct, newest {:?}, \
+             running: {}); edge metrics:\n{}\nbroker log:\n{}\nedge log:\n{}",
             (1..=last_id)
                 .filter(|id| !distinct.contains(id))
                 .take(10)
                 .collect::<Vec<_>>(),
+            distinct.len(),
+            distinct.last(),
+            consumer.try_wait().is_ok_and(|s| s.is_none()),
+            metrics()
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("edge_outbox") || l.starts_with("edge_mqtt"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            broker.log(),
             edge.log()
         );
         std::thread::sleep(Duration::from_millis(500));
