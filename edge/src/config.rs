@@ -13,6 +13,7 @@ use crate::capture::SourceConfig;
 use crate::identity::DeviceConfig;
 use crate::models::ModelsConfig;
 use crate::pipeline::{PipelineConfig, Rules};
+use crate::plc::PlcConfig;
 use crate::serve::HttpConfig;
 use crate::serve::review::ReviewConfig;
 use crate::verdicts::store::StoreConfig;
@@ -41,6 +42,9 @@ pub struct EdgeConfig {
     /// The review queue and labeling page (served under [http]); absent: no queue.
     #[serde(default)]
     pub review: Option<ReviewConfig>,
+    /// The PLC link (Modbus/TCP): every verdict to the reject gate; absent: no PLC.
+    #[serde(default)]
+    pub plc: Option<PlcConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -100,6 +104,12 @@ impl EdgeConfig {
                 "rules.min_score {}: must be within 0..1",
                 self.rules.min_score
             ));
+        }
+        if let Some(plc) = &self.plc {
+            plc.validate().map_err(|e| format!("plc.{e}"))?;
+            if self.source.is_none() {
+                return Err("plc: verdicts come from inspection: add [source]".into());
+            }
         }
         if let Some(review) = &self.review {
             review.validate()?;

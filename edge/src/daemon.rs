@@ -16,6 +16,7 @@ use crate::capture::{self, Frame};
 use crate::config::EdgeConfig;
 use crate::models::ModelLifecycle;
 use crate::pipeline::{BoundedQueue, Decision, Inspection, PipelineStats};
+use crate::plc::PlcLink;
 use crate::serve::HttpServer;
 use crate::serve::http::AppState;
 use crate::serve::labeling::LabelingState;
@@ -81,10 +82,17 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         // The source is opened first: a missing camera or folder stops the daemon right here.
+        // The PLC link first, so that the first verdict finds it.
+        let plc = self.config.plc.clone().map(|cfg| {
+            let link = Arc::new(PlcLink::start(cfg));
+            let m = link.metrics.clone();
+            self.metrics.register(|r| m.register(r));
+            link
+        });
         let inspection = match self.config.source.clone() {
             Some(cfg) => {
                 let source = capture::open_source(&cfg).map_err(anyhow::Error::msg)?;
-                Some(self.start_inspection(source)?)
+                Some(self.start_inspection(source, plc.clone())?)
             }
             None => None,
         };
@@ -147,6 +155,9 @@ impl Daemon {
         if let Some(inspection) = inspection {
             inspection.stop().await;
         }
+        if let Some(plc) = plc.and_then(|p| Arc::into_inner(p)) {
+            plc.stop().await;
+        }
         if let Some(http) = http {
             http.stop().await;
         }
@@ -172,11 +183,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Inspection: each decision becomes a stored verdict, counted, offered to the review
-    /// queue and logged.
+    /// Inspection: each decision becomes a stored verdict, goes to the PLC, is counted, offered
+    /// to the review queue and logged.
     fn start_inspection(
         &self,
         source: Box<dyn capture::FrameSource>,
+        plc: Option<Arc<PlcLink>>,
     ) -> anyhow::Result<Inspection> {
         let recorder = Recorder {
             store: self.verdicts.clone(),
@@ -199,6 +211,9 @@ impl Daemon {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return;
                 };
+                if let Some(plc) = &plc {
+                    plc.offer(&verdict);
+                }
                 if let Some(review) = &review
                     && verdict.undecided.is_none()
                     && let Err(e) = review.consider(&verdict, &frame)

@@ -673,3 +673,152 @@ impl Proxy {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// GET, with the status and body (any status); panics when nothing answers.
+pub fn get(url: &str) -> (u16, String) {
+    try_get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// GET; an error while the daemon is not listening yet.
+pub fn try_get(url: &str) -> Result<(u16, String), ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(url).call()?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.body_mut().read_to_string()?))
+}
+
+/// A sample's value in a Prometheus text page; panics when it is absent.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metric_or(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+/// A sample's value in a Prometheus text page (`name` with its labels, as printed).
+pub fn metric_or(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The Python that runs the test tools in tests/tools (`EDGE_TEST_PYTHON`, else `python3`),
+/// checked to have `module`.
+pub fn python_with(module: &str) -> String {
+    let python = std::env::var("EDGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{python} cannot import {module}: `pip install -r tests/tools/requirements.txt` \
+         (or point EDGE_TEST_PYTHON at a Python that has it; .ci/run makes one)"
+    );
+    python
+}
+
+/// A PLC stand-in: tests/tools/modbus_plc.py, an independent Modbus/TCP server (pymodbus) that
+/// logs every write it accepts as JSON lines.
+pub struct PlcServer {
+    pub port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// One write the PLC accepted.
+#[derive(Clone, Debug)]
+pub struct PlcWrite {
+    /// Seconds since the epoch, when the server applied it.
+    pub t: f64,
+    /// Modbus function code (5 coil, 6 register, 16 registers).
+    pub fc: u8,
+    pub address: u16,
+    pub values: Vec<u16>,
+}
+
+impl PlcServer {
+    pub fn start(dir: &Path) -> PlcServer {
+        let mut server = PlcServer {
+            port: free_port(),
+            log: dir.join("plc-writes.jsonl"),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the server (again) on the same port, appending to the same log.
+    pub fn restart(&mut self) {
+        self.kill();
+        let python = python_with("pymodbus");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/modbus_plc.py");
+        let err = std::fs::File::create(self.log.with_extension("stderr")).expect("plc log");
+        let child = Command::new(python)
+            .arg(script)
+            .args(["--port", &self.port.to_string(), "--log"])
+            .arg(&self.log)
+            .stdout(err.try_clone().expect("log"))
+            .stderr(err)
+            .spawn()
+            .expect("starting tests/tools/modbus_plc.py");
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, Duration::from_secs(20)),
+            "the Modbus server did not listen on {}: {}",
+            self.port,
+            std::fs::read_to_string(self.log.with_extension("stderr")).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL: the PLC is gone without a word (power, cable).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every write so far, in the order the server applied them.
+    pub fn writes(&self) -> Vec<PlcWrite> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| PlcWrite {
+                t: v["t"].as_f64().unwrap_or(0.0),
+                fc: v["fc"].as_u64().unwrap_or(0) as u8,
+                address: v["address"].as_u64().unwrap_or(0) as u16,
+                values: v["values"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0) as u16).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+impl Drop for PlcServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A synthetic set (`per_class` images per class) and v1.edgepkg: an untrained nano detector
+/// signed with the fleet key; returns the fixtures and the fleet's public key.
+pub fn signed_nano_v1(prefix: &str, per_class: usize, seed: u64) -> (Fixtures, String) {
+    let files = Fixtures::new(prefix);
+    let public = files.keygen("fleet");
+    files.synth(per_class, seed);
+    let model = files.init_model("m", "nano", 0);
+    package(
+        &model,
+        &files.path("keys/fleet.key"),
+        1,
+        &files.golden("crazing_1.jpg"),
+        &files.path("v1.edgepkg"),
+    );
+    (files, public)
+}

@@ -7,53 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{Edge, Fixtures, run, run_ok};
+use e2e::{Edge, Fixtures, get, metric, metric_or, run, run_ok, signed_nano_v1, try_get};
 use protocol::messages::Message;
 use protocol::{UndecidedCause, Verdict};
-
-fn get(url: &str) -> (u16, String) {
-    try_get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
-}
-
-/// An error while the daemon is not listening yet.
-fn try_get(url: &str) -> Result<(u16, String), ureq::Error> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut resp = agent.get(url).call()?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.body_mut().read_to_string()?))
-}
-
-fn metric(metrics: &str, name: &str) -> f64 {
-    metric_or(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-}
-
-fn metric_or(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// A synthetic set (`per_class` images per class) and v1.edgepkg: an untrained nano detector
-/// signed with the fleet key; returns the fixtures and the fleet's public key.
-fn signed_nano_v1(prefix: &str, per_class: usize, seed: u64) -> (Fixtures, String) {
-    let files = Fixtures::new(prefix);
-    let public = files.keygen("fleet");
-    files.synth(per_class, seed);
-    let model = files.init_model("m", "nano", 0);
-    e2e::package(
-        &model,
-        &files.path("keys/fleet.key"),
-        1,
-        &files.golden("crazing_1.jpg"),
-        &files.path("v1.edgepkg"),
-    );
-    (files, public)
-}
 
 #[test]
 fn bad_frames_and_detector_faults_get_the_failsafe_verdict() {

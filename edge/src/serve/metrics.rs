@@ -47,6 +47,13 @@ pub struct Metrics {
     pub(super) inference_stalled: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
+impl Metrics {
+    /// Adds another part's metrics (the PLC link's) to `/metrics`.
+    pub fn register(&self, add: impl FnOnce(&mut Registry)) {
+        add(&mut self.registry.lock().expect("lock"));
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("edge");
