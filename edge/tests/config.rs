@@ -24,6 +24,53 @@ fn documented_example_config_loads() {
     );
 }
 
+/// The commented-out [plc] section, uncommented, loads with the values it documents.
+#[test]
+fn documented_plc_section_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/edge.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let at = text
+        .find("#[plc]")
+        .expect("a [plc] section in configs/edge.toml");
+    let plc: String = text[at..]
+        .lines()
+        .filter(|l| !l.starts_with("##"))
+        .map(|l| l.strip_prefix('#').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("edge.toml");
+    std::fs::write(
+        &copy,
+        format!("{}\n{plc}\n", &text[..at]).replace(
+            "../edge/",
+            &format!("{}/../edge/", env!("CARGO_MANIFEST_DIR")),
+        ),
+    )
+    .unwrap();
+    let plc = EdgeConfig::load(&copy).unwrap().plc.expect("[plc]");
+    assert_eq!(plc.address, "192.168.10.20:502");
+    assert_eq!(
+        (plc.unit_id, plc.timeout_ms, plc.heartbeat_ms, plc.stale_ms),
+        (1, 500, 500, 2000)
+    );
+    assert_eq!(
+        (plc.pass_coil, plc.record_register, plc.heartbeat_register),
+        (0, 0, 20)
+    );
+    assert_eq!(plc.classes.len(), 6);
+    let bad = format!(
+        "{}\n{}\n",
+        &text[..at],
+        "[plc]\naddress = \"h:502\"\nheartbeat_register = 3\n"
+    );
+    assert!(
+        load(&bad).contains("plc.heartbeat_register 3 lies inside the verdict record"),
+        "{}",
+        load(&bad)
+    );
+}
+
 fn load(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edge.toml");
