@@ -92,6 +92,7 @@ impl Daemon {
         let inspection = match self.config.source.clone() {
             Some(cfg) => {
                 let source = capture::open_source(&cfg).map_err(anyhow::Error::msg)?;
+                self.metrics.register(|r| source.register_metrics(r));
                 Some(self.start_inspection(source, plc.clone())?)
             }
             None => None,

@@ -164,22 +164,34 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "camera")]
+/// V4L2 cameras (feature `camera`) and GenICam cameras (feature `genicam`).
 fn list_cameras() -> Result<()> {
-    let cameras =
-        edge::capture::camera::list().map_err(|e| anyhow::anyhow!("listing cameras: {e}"))?;
-    if cameras.is_empty() {
-        println!("no cameras found (V4L2)");
+    #[cfg(feature = "camera")]
+    {
+        let cameras = edge::capture::camera::list()
+            .map_err(|e| anyhow::anyhow!("listing V4L2 cameras: {e}"))?;
+        if cameras.is_empty() {
+            println!("V4L2: no cameras found");
+        }
+        for c in cameras {
+            println!("V4L2: {c}");
+        }
     }
-    for c in cameras {
-        println!("{c}");
+    #[cfg(not(feature = "camera"))]
+    println!("V4L2: not built in (feature `camera`)");
+    #[cfg(feature = "genicam")]
+    {
+        let cameras = edge::capture::aravis_source::list();
+        if cameras.is_empty() {
+            println!("GenICam: no cameras found");
+        }
+        for c in cameras {
+            println!("GenICam: {c}");
+        }
     }
+    #[cfg(not(feature = "genicam"))]
+    println!("GenICam: not built in (feature `genicam`)");
     Ok(())
-}
-
-#[cfg(not(feature = "camera"))]
-fn list_cameras() -> Result<()> {
-    anyhow::bail!("this edge was built without the `camera` feature")
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.

@@ -71,6 +71,11 @@ impl LineScanAssembler {
         Ok(frames)
     }
 
+    /// Pixels per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// Lines per frame.
     pub fn height(&self) -> usize {
         self.height

@@ -9,10 +9,15 @@
 //! - [`synthetic::SyntheticStrip`]: an endless steel strip with NEU-style defects at known
 //!   positions (ground truth for tests and benchmarks), fed through the assembler.
 //! - `camera::CameraSource` (feature `camera`): a V4L2/UVC camera through nokhwa.
+//! - `aravis_source::GenicamSource` (feature `genicam`): a GigE Vision / USB3 Vision camera
+//!   through Aravis, area or line-scan ([`genicam`] holds its configuration).
 
+#[cfg(feature = "genicam")]
+pub mod aravis_source;
 #[cfg(feature = "camera")]
 pub mod camera;
 pub mod folder;
+pub mod genicam;
 pub mod linescan;
 pub mod synthetic;
 
@@ -57,6 +62,8 @@ pub enum SourceError {
 pub trait FrameSource: Send {
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
     fn describe(&self) -> String;
+    /// Adds the source's own counters to `/metrics` (cameras: buffers, losses).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }
 
 pub fn now_ms() -> u64 {
@@ -140,6 +147,8 @@ pub enum SourceConfig {
         #[serde(default)]
         pixel_format: PixelFormat,
     },
+    /// A GenICam camera (GigE Vision, USB3 Vision) through Aravis (cargo feature `genicam`).
+    Genicam(genicam::GenicamConfig),
 }
 
 /// Camera pixel formats (V4L2 fourcc).
@@ -205,6 +214,16 @@ pub fn open_source(config: &SourceConfig) -> Result<Box<dyn FrameSource>, String
             camera::CameraSource::open(*index, *width, *height, *fps, *pixel_format)
                 .map_err(fatal)?,
         ),
+        #[cfg(feature = "genicam")]
+        SourceConfig::Genicam(c) => {
+            Box::new(aravis_source::GenicamSource::open(c.clone()).map_err(fatal)?)
+        }
+        #[cfg(not(feature = "genicam"))]
+        SourceConfig::Genicam(_) => {
+            return Err(
+                "source: genicam: this edge was built without the `genicam` feature (needs libaravis-dev); rebuild with default features".into(),
+            );
+        }
         #[cfg(not(feature = "camera"))]
         SourceConfig::Camera { index, .. } => {
             return Err(format!(
