@@ -177,8 +177,18 @@ fn absent_camera_and_bad_source_are_clear_errors() {
         !ok && out.contains("camera /dev/video7: no such device"),
         "{out}"
     );
+    std::fs::write(
+        &path,
+        config(1, "kind = \"genicam\"\ncamera = \"NoSuchCam-42\""),
+    )
+    .unwrap();
+    let (ok, out) = run("edge", &["run", "--config", &path.display().to_string()]);
+    assert!(!ok && out.contains("genicam camera NoSuchCam-42"), "{out}");
     let (ok, out) = run("edge", &["cameras"]);
-    assert!(ok, "listing cameras works without any: {out}");
+    assert!(
+        ok && out.contains("V4L2:") && out.contains("GenICam:"),
+        "listing cameras works without any: {out}"
+    );
     std::fs::write(&path, config(1, "kind = \"ftp\"")).unwrap();
     let (ok, out) = run("edge", &["run", "--config", &path.display().to_string()]);
     assert!(!ok && out.contains("unknown variant `ftp`"), "{out}");
