@@ -156,7 +156,7 @@ impl Daemon {
         if let Some(inspection) = inspection {
             inspection.stop().await;
         }
-        if let Some(plc) = plc.and_then(|p| Arc::into_inner(p)) {
+        if let Some(plc) = plc.and_then(Arc::into_inner) {
             plc.stop().await;
         }
         if let Some(http) = http {
