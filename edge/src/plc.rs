@@ -500,6 +500,7 @@ mod tests {
                 .collect(),
             model: Some(("neu-edge".into(), 7)),
             undecided: None,
+            position_mm: None,
         }
     }
 

@@ -43,6 +43,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }],
         model: Some(("neu-edge".into(), 5)),
         undecided: None,
+        position_mm: None,
     };
     let undecided = Verdict {
         undecided: Some(Undecided {

@@ -286,6 +286,10 @@ pub struct Verdict {
     /// frames, so consumers that predate it read ordinary verdicts unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undecided: Option<Undecided>,
+    /// Strip position of the frame's first line in millimetres (line-scan sources with a
+    /// configured line pitch); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_mm: Option<f64>,
 }
 
 impl Verdict {

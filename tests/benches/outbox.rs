@@ -35,6 +35,7 @@ fn verdict(id: u64) -> Verdict {
         defects: vec![],
         model: Some(("m".into(), 1)),
         undecided: None,
+        position_mm: None,
     }
 }
 

@@ -116,7 +116,7 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
         "line",
         &config(
             "lost_after_ms = 1000\nfeatures = { Width = 256, Height = 50, AcquisitionFrameRate = 40.0 }\n\
-             line_scan = { frame_height = 200, overlap = 20 }\n",
+             line_scan = { frame_height = 200, overlap = 20, line_pitch_mm = 0.05 }\n",
         ),
     );
     wait_for(&edge, "line-scan verdicts", &|m| verdicts(m) >= 8.0);
@@ -133,6 +133,8 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
             pair[1].line
         );
         assert_eq!((pair[1].width, pair[1].height), (256, 200));
+        let mm = pair[1].position_mm.expect("a position in mm");
+        assert!((mm - pair[1].line as f64 * 0.05).abs() < 1e-9, "{mm} mm at line {}", pair[1].line);
     }
 
     // The cable is pulled: the daemon reports the loss by name and keeps serving.

@@ -443,6 +443,7 @@ impl Acquisition {
                     image: grey,
                     origin,
                     truth: vec![],
+                    position_mm: None,
                 };
                 *seq += 1;
                 vec![Ok(frame)]
@@ -460,7 +461,14 @@ impl Acquisition {
                 }
                 let a = slot.as_mut().expect("set above");
                 match a.push(grey.as_raw()) {
-                    Ok(frames) => frames.into_iter().map(Ok).collect(),
+                    Ok(frames) => frames
+                        .into_iter()
+                        .map(|mut f| {
+                            f.origin = origin.clone();
+                            f.position_mm = ls.line_pitch_mm.map(|p| f.line as f64 * p);
+                            Ok(f)
+                        })
+                        .collect(),
                     Err(e) => vec![Err(e)],
                 }
             }

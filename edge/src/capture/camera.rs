@@ -121,6 +121,7 @@ impl CameraSource {
                         image,
                         origin: thread_name.clone(),
                         truth: vec![],
+                        position_mm: None,
                     });
                     if tx.send(item).is_err() || fatal {
                         break;

@@ -81,6 +81,7 @@ impl FrameSource for FolderSource {
             image,
             origin,
             truth: vec![],
+            position_mm: None,
         }))
     }
 

@@ -88,6 +88,10 @@ pub struct LineScanConfig {
     /// Lines shared by consecutive frames.
     #[serde(default)]
     pub overlap: usize,
+    /// Millimetres of strip per line (encoder-triggered line cameras): verdicts then carry
+    /// `position_mm`, the position of their first line.
+    #[serde(default)]
+    pub line_pitch_mm: Option<f64>,
 }
 
 fn sixteen() -> u32 {

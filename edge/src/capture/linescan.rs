@@ -62,6 +62,7 @@ impl LineScanAssembler {
                 image,
                 origin: "line-scan".into(),
                 truth: vec![],
+                position_mm: None,
             });
             self.seq += 1;
             let advance = self.height - self.overlap;

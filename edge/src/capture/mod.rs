@@ -45,6 +45,8 @@ pub struct Frame {
     pub origin: String,
     /// Known defects (synthetic sources only), in frame pixels: (class, box).
     pub truth: Vec<(usize, [f32; 4])>,
+    /// Strip position of the first line in millimetres (line-scan sources with a line pitch).
+    pub position_mm: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]

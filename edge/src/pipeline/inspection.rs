@@ -103,6 +103,7 @@ impl Inspection {
                                     image: Default::default(),
                                     origin,
                                     truth: vec![],
+                                    position_mm: None,
                                 };
                                 next_seq += 1;
                                 sink(Decision::undecided(

@@ -469,6 +469,7 @@ mod tests {
             image: GrayImage::new(64, 64),
             origin: format!("f{seq}"),
             truth: vec![],
+            position_mm: None,
         }
     }
 

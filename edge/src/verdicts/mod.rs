@@ -47,6 +47,7 @@ impl Recorder {
             defects: d.defects,
             model: d.model,
             undecided: d.undecided,
+            position_mm: d.frame.position_mm,
         };
         if let Err(e) = self.store.record(&verdict, &d.frame.image) {
             tracing::error!("verdict {} not stored: {e}", verdict.id);

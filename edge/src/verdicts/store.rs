@@ -514,6 +514,7 @@ mod tests {
             }],
             model: Some(("m".into(), 1)),
             undecided: None,
+            position_mm: None,
         }
     }
 

@@ -455,6 +455,7 @@ mod tests {
             }],
             model: Some(("m".into(), 1)),
             undecided: None,
+            position_mm: None,
         }
     }
 
