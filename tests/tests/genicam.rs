@@ -134,7 +134,11 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
         );
         assert_eq!((pair[1].width, pair[1].height), (256, 200));
         let mm = pair[1].position_mm.expect("a position in mm");
-        assert!((mm - pair[1].line as f64 * 0.05).abs() < 1e-9, "{mm} mm at line {}", pair[1].line);
+        assert!(
+            (mm - pair[1].line as f64 * 0.05).abs() < 1e-9,
+            "{mm} mm at line {}",
+            pair[1].line
+        );
     }
 
     // The cable is pulled: the daemon reports the loss by name and keeps serving.

@@ -630,7 +630,17 @@ mod tests {
         assert_eq!(newest.first().unwrap().0, lost + 1, "the oldest went first");
         let usage = store.usage();
         drop(store);
-        let store = VerdictStore::open(&path, config).unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the drop.
+        let reopen = std::time::Instant::now();
+        let store = loop {
+            match VerdictStore::open(&path, config.clone()) {
+                Ok(s) => break s,
+                Err(_) if reopen.elapsed() < std::time::Duration::from_secs(10) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(store.usage(), usage);
     }
 }
