@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The peer for `scripts/bench/compress` (timing as in bench_reference.py): our edge detector's architecture (timm Swin embed 48,
+"""The peer for `scripts/bench/compress` (timing as in reference.py): our edge detector's architecture (timm Swin embed 48,
 depths 2-2-2-2, heads 2-4-8-16, + the FPN neck and FCOS-style head of edge::detector::head) in
 PyTorch, exported to ONNX and run by ONNX Runtime in FP32 and after ORT's dynamic INT8
 quantization (`quantize_dynamic`, per-channel weights, QInt8), same CPU, same thread count.
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
-from bench_reference import timed
+from reference import timed
 
 
 class Head(nn.Module):
