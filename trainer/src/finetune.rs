@@ -257,6 +257,9 @@ pub struct RunOutcome {
     pub stopped: bool,
     pub seconds: f64,
     pub train_images_per_second: f64,
+    /// Share of the training loop's time spent waiting for the next batch (data loading that
+    /// did not keep up with the steps).
+    pub data_wait_fraction: f64,
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -351,6 +354,7 @@ pub fn run(
     let started = Instant::now();
     let mut trained_images = 0usize;
     let mut train_seconds = 0.0f64;
+    let mut wait_seconds = 0.0f64;
     let mut last_report = None;
     let mut stopped = false;
     tracing::info!(
@@ -385,8 +389,11 @@ pub fn run(
         bar.set_prefix(format!("{}/{}", state.epoch + 1, config.epochs));
         let mut loss_sum = 0.0f64;
         let mut loss_count = 0usize;
+        let mut waiting = Instant::now();
         for batch in stream.receiver.iter() {
             let batch = batch?;
+            let wait = waiting.elapsed().as_secs_f64();
+            wait_seconds += wait;
             let step_started = Instant::now();
             let input = Tensor::<4>::from_data(
                 TensorData::new(batch.pixels, [batch.count, 3, h, w]),
@@ -439,7 +446,8 @@ pub fn run(
                 metrics,
                 "{}",
                 serde_json::json!({"step": state.step, "epoch": state.epoch, "loss": total, "cls": values.get(1), "box": values.get(2),
-                    "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds})
+                    "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds,
+                    "data_wait_s": wait})
             )?;
             bar.set_message(format!(
                 "loss {:.3} lr {lr:.1e}",
@@ -450,6 +458,7 @@ pub fn run(
                 stopped = stop.load(Ordering::SeqCst);
                 break;
             }
+            waiting = Instant::now();
         }
         bar.finish();
         let epoch_done = state.batch >= stream.batches;
@@ -522,6 +531,7 @@ pub fn run(
         stopped,
         seconds: started.elapsed().as_secs_f64(),
         train_images_per_second: trained_images as f64 / train_seconds.max(1e-9),
+        data_wait_fraction: wait_seconds / (wait_seconds + train_seconds).max(1e-9),
     })
 }
 

@@ -226,11 +226,12 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
     config.ema_decay = ema_decay;
     let outcome = crate::finetune::run(&config, &out, device, resume, stop_flag()?)?;
     println!(
-        "{} after {} steps in {:.0} s ({:.2} train images/s){}",
+        "{} after {} steps in {:.0} s ({:.2} train images/s, {:.1}% of the loop waiting for data){}",
         if outcome.stopped { "stopped" } else { "done" },
         outcome.state.step,
         outcome.seconds,
         outcome.train_images_per_second,
+        outcome.data_wait_fraction * 100.0,
         outcome
             .state
             .best_map50
