@@ -81,8 +81,9 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        // The source is opened first: a missing camera or folder stops the daemon right here.
-        // The PLC link first, so that the first verdict finds it.
+        // The PLC link starts before inspection so that the first verdict finds it; it connects
+        // in the background, so the source is still the first thing that can stop the daemon:
+        // a missing camera or folder stops it right here.
         let plc = self.config.plc.clone().map(|cfg| {
             let link = Arc::new(PlcLink::start(cfg));
             let m = link.metrics.clone();
@@ -156,8 +157,8 @@ impl Daemon {
         if let Some(inspection) = inspection {
             inspection.stop().await;
         }
-        if let Some(plc) = plc.and_then(Arc::into_inner) {
-            plc.stop().await;
+        if let Some(plc) = &plc {
+            plc.stop();
         }
         if let Some(http) = http {
             http.stop().await;

@@ -167,31 +167,27 @@ fn main() -> Result<()> {
 /// V4L2 cameras (feature `camera`) and GenICam cameras (feature `genicam`).
 fn list_cameras() -> Result<()> {
     #[cfg(feature = "camera")]
-    {
-        let cameras = edge::capture::camera::list()
-            .map_err(|e| anyhow::anyhow!("listing V4L2 cameras: {e}"))?;
-        if cameras.is_empty() {
-            println!("V4L2: no cameras found");
-        }
-        for c in cameras {
-            println!("V4L2: {c}");
-        }
-    }
+    print_cameras(
+        "V4L2",
+        edge::capture::camera::list().map_err(|e| anyhow::anyhow!("listing V4L2 cameras: {e}"))?,
+    );
     #[cfg(not(feature = "camera"))]
     println!("V4L2: not built in (feature `camera`)");
     #[cfg(feature = "genicam")]
-    {
-        let cameras = edge::capture::aravis_source::list();
-        if cameras.is_empty() {
-            println!("GenICam: no cameras found");
-        }
-        for c in cameras {
-            println!("GenICam: {c}");
-        }
-    }
+    print_cameras("GenICam", edge::capture::aravis_source::list());
     #[cfg(not(feature = "genicam"))]
     println!("GenICam: not built in (feature `genicam`)");
     Ok(())
+}
+
+#[cfg(any(feature = "camera", feature = "genicam"))]
+fn print_cameras(kind: &str, cameras: Vec<String>) {
+    if cameras.is_empty() {
+        println!("{kind}: no cameras found");
+    }
+    for c in cameras {
+        println!("{kind}: {c}");
+    }
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.

@@ -95,16 +95,7 @@ fn default_heartbeat_register() -> u16 {
     20
 }
 fn default_classes() -> Vec<String> {
-    [
-        "crazing",
-        "inclusion",
-        "patches",
-        "pitted_surface",
-        "rolled-in_scale",
-        "scratches",
-    ]
-    .map(String::from)
-    .to_vec()
+    edge_detector::NEU_CLASSES.map(String::from).to_vec()
 }
 
 impl PlcConfig {
@@ -176,6 +167,10 @@ impl PlcMetrics {
             let _ = m.missed.get_or_create(&ReasonLabel { reason });
         }
         m
+    }
+
+    fn miss(&self, reason: &'static str) {
+        self.missed.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -302,20 +297,13 @@ impl PlcLink {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let record = Record::new(seq, verdict, &self.classes);
         if self.tx.try_send(record).is_err() {
-            self.missed("overflow");
+            self.metrics.miss("overflow");
         }
     }
 
-    fn missed(&self, reason: &'static str) {
-        self.metrics
-            .missed
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-    }
-
-    pub async fn stop(self) {
+    /// Ends the link's task (the inspection's sink may still hold the link).
+    pub fn stop(&self) {
         self.task.abort();
-        let _ = self.task.await;
     }
 }
 
@@ -328,9 +316,6 @@ async fn run(config: PlcConfig, mut rx: mpsc::Receiver<Record>, metrics: Arc<Plc
     let mut beat = tokio::time::interval(Duration::from_millis(config.heartbeat_ms));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat: u16 = 0;
-    let missed = |reason: &'static str| {
-        metrics.missed.get_or_create(&ReasonLabel { reason }).inc();
-    };
     loop {
         // Reconnect when due (a verdict or a heartbeat tick wakes the loop).
         if link.is_none() && tokio::time::Instant::now() >= next_try {
@@ -360,11 +345,11 @@ async fn run(config: PlcConfig, mut rx: mpsc::Receiver<Record>, metrics: Arc<Plc
             record = rx.recv() => {
                 let Some(record) = record else { break };
                 let Some(ctx) = link.as_mut() else {
-                    missed("down");
+                    metrics.miss("down");
                     continue;
                 };
                 if now_ms().saturating_sub(record.captured_ms) > config.stale_ms {
-                    missed("late");
+                    metrics.miss("late");
                     continue;
                 }
                 match write(ctx, &config, &record, timeout).await {
@@ -374,14 +359,14 @@ async fn run(config: PlcConfig, mut rx: mpsc::Receiver<Record>, metrics: Arc<Plc
                         metrics.latency.observe(age as f64 / 1e3);
                     }
                     Ok(Err(refusal)) => {
-                        missed("refused");
+                        metrics.miss("refused");
                         tracing::error!(
                             "plc: {} refused verdict {} (seq {}): {refusal} (check the register map in [plc])",
                             config.address, record.verdict_id, record.seq
                         );
                     }
                     Err(e) => {
-                        missed("down");
+                        metrics.miss("down");
                         lost(&mut link, &metrics, &config, &e);
                     }
                 }

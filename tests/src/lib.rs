@@ -822,3 +822,46 @@ pub fn signed_nano_v1(prefix: &str, per_class: usize, seed: u64) -> (Fixtures, S
     );
     (files, public)
 }
+
+/// The daemon's `/metrics` page on `port`; `None` while it does not answer 200.
+pub fn metrics_page(port: u16) -> Option<String> {
+    try_get(&format!("http://127.0.0.1:{port}/metrics"))
+        .ok()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, m)| m)
+}
+
+/// Polls `/metrics` on `port` until `ok` holds and returns that page; after `timeout` panics
+/// naming `what`, with `context()` (the edge's log).
+pub fn wait_for_metrics(
+    port: u16,
+    what: &str,
+    timeout: Duration,
+    ok: &dyn Fn(&str) -> bool,
+    context: &dyn Fn() -> String,
+) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(m) = metrics_page(port)
+            && ok(&m)
+        {
+            return m;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Verdicts counted in `edge_verdicts_total` with the given results (pass, fail, undecided).
+pub fn verdicts_counted(metrics: &str, results: &[&str]) -> f64 {
+    results
+        .iter()
+        .map(|r| {
+            metric_or(metrics, &format!("edge_verdicts_total{{result=\"{r}\"}}")).unwrap_or(0.0)
+        })
+        .sum()
+}

@@ -270,29 +270,12 @@ fn offline_on_a_small_disk_then_kill9_loses_no_verdict() {
         state.display()
     );
     let mut edge = Edge::start(&files.dir, "cam1", &config);
-    let base = format!("http://127.0.0.1:{http}");
-    let metrics = || {
-        try_get(&format!("{base}/metrics"))
-            .ok()
-            .filter(|(s, _)| *s == 200)
-            .map(|(_, m)| m)
-    };
-    let wait_for = |what: &str, until: Duration, ok: &dyn Fn(&str) -> bool| -> String {
-        let end = Instant::now() + until;
-        loop {
-            if let Some(m) = metrics()
-                && ok(&m)
-            {
-                return m;
-            }
-            assert!(Instant::now() < end, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+    let metrics = || e2e::metrics_page(http);
+    let wait_for = |what: &str, until: Duration, ok: &dyn Fn(&str) -> bool| {
+        e2e::wait_for_metrics(http, what, until, ok, &String::new)
     };
     wait_for("verdicts delivered", Duration::from_secs(60), &|m| {
-        metric_or(m, "edge_verdicts_total{result=\"pass\"}").unwrap_or(0.0)
-            + metric_or(m, "edge_verdicts_total{result=\"fail\"}").unwrap_or(0.0)
-            > 50.0
+        e2e::verdicts_counted(m, &["pass", "fail"]) > 50.0
     });
     // The broker goes away (SIGTERM: it saves its persistence file) while frames keep coming.
     broker.stop();

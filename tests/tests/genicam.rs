@@ -47,12 +47,7 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
     let mut camera = FakeCamera::start();
     let http = e2e::free_port();
     let base = format!("http://127.0.0.1:{http}");
-    let metrics = || {
-        try_get(&format!("{base}/metrics"))
-            .ok()
-            .filter(|(s, _)| *s == 200)
-            .map(|(_, m)| m)
-    };
+    let metrics = || e2e::metrics_page(http);
     let config = |source: &str| {
         format!(
             "{}\n[source]\nkind = \"genicam\"\ncamera = \"127.0.0.1\"\n{source}\n\
@@ -60,21 +55,8 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
             e2e::offline_edge_config("cam1", &[], &public, &files.path("v1.edgepkg"), ""),
         )
     };
-    let wait_for = |edge: &Edge, what: &str, ok: &dyn Fn(&str) -> bool| -> String {
-        let end = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(m) = metrics()
-                && ok(&m)
-            {
-                return m;
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}\n{}",
-                edge.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let wait_for = |edge: &Edge, what: &str, ok: &dyn Fn(&str) -> bool| {
+        e2e::wait_for_metrics(http, what, Duration::from_secs(90), ok, &|| edge.log())
     };
     let frames = |m: &str| metric_or(m, "edge_camera_frames_total").unwrap_or(0.0);
 
@@ -101,12 +83,7 @@ fn a_gige_vision_camera_is_inspected_triggered_and_survives_its_loss() {
         0.0,
         "{m}"
     );
-    let verdicts = |m: &str| {
-        ["pass", "fail"]
-            .iter()
-            .map(|r| metric_or(m, &format!("edge_verdicts_total{{result=\"{r}\"}}")).unwrap_or(0.0))
-            .sum::<f64>()
-    };
+    let verdicts = |m: &str| e2e::verdicts_counted(m, &["pass", "fail"]);
     assert!(verdicts(&m) >= 10.0, "{m}");
     assert!(edge.stop().success(), "{}", edge.log());
 

@@ -6,9 +6,9 @@
 //! inspecting and storing, the metrics say the link is down and count the verdicts it missed),
 //! restarted on the same port: the link comes back by itself and the heartbeat resumes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e::{Edge, PlcServer, PlcWrite, metric, metric_or, signed_nano_v1, try_get};
+use e2e::{Edge, PlcServer, PlcWrite, metric, metric_or, signed_nano_v1};
 use protocol::Verdict;
 
 const RECORD: u16 = 100;
@@ -64,38 +64,13 @@ fn every_verdict_reaches_the_plc_in_order_and_the_link_survives_a_plc_restart() 
         &config,
         &[("EDGE_FAULTS", "detect_error:4-5")],
     );
-    let base = format!("http://127.0.0.1:{http}");
-    let metrics = || {
-        try_get(&format!("{base}/metrics"))
-            .ok()
-            .filter(|(s, _)| *s == 200)
-            .map(|(_, m)| m)
-    };
-    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| -> String {
-        let end = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(m) = metrics()
-                && ok(&m)
-            {
-                return m;
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}\n{}",
-                edge.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        e2e::wait_for_metrics(http, what, Duration::from_secs(120), ok, &|| edge.log())
     };
     let written = |m: &str| metric_or(m, "edge_plc_verdicts_written_total").unwrap_or(0.0);
     let missed_down =
         |m: &str| metric_or(m, "edge_plc_verdicts_missed_total{reason=\"down\"}").unwrap_or(0.0);
-    let verdicts = |m: &str| {
-        ["pass", "fail", "undecided"]
-            .iter()
-            .map(|r| metric_or(m, &format!("edge_verdicts_total{{result=\"{r}\"}}")).unwrap_or(0.0))
-            .sum::<f64>()
-    };
+    let verdicts = |m: &str| e2e::verdicts_counted(m, &["pass", "fail", "undecided"]);
     let m = wait_for("30 verdicts written to the PLC, some undecided", &|m| {
         written(m) >= 30.0
             && metric_or(m, "edge_undecided_total{cause=\"detector_error\"}").unwrap_or(0.0) > 0.0

@@ -337,6 +337,8 @@ impl Acquisition {
         let period = Duration::from_secs_f64(1.0 / c.software_trigger_hz.max(1e-3));
         let mut next_trigger = Instant::now();
         let mut last_buffer = Instant::now();
+        // The GigE Vision packet counters are looked up by name: once a second, not per buffer.
+        let mut counters_read = Instant::now();
         let lost_after = Duration::from_millis(c.lost_after_ms);
         while !self.stop.load(Ordering::Relaxed) {
             if cam.control_lost.load(Ordering::Relaxed) {
@@ -370,7 +372,10 @@ impl Acquisition {
             last_buffer = Instant::now();
             let frame = self.convert(&buffer, assembler, seq);
             cam.stream.push_buffer(buffer);
-            self.update_stream_counters(&cam.stream);
+            if counters_read.elapsed() >= Duration::from_secs(1) {
+                self.update_stream_counters(&cam.stream);
+                counters_read = Instant::now();
+            }
             for f in frame {
                 match self.frames.try_send(f) {
                     Ok(()) => {}

@@ -488,6 +488,23 @@ impl VerdictStore {
     }
 }
 
+/// Tests that reopen a sled database they just dropped: sled's flusher thread lets go of the
+/// file lock a moment after the drop, so a lock error is retried for up to 10 s.
+#[cfg(test)]
+pub(crate) fn reopen_after_drop<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        match open() {
+            Ok(db) => return db,
+            Err(e) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,17 +647,7 @@ mod tests {
         assert_eq!(newest.first().unwrap().0, lost + 1, "the oldest went first");
         let usage = store.usage();
         drop(store);
-        // sled's flusher thread lets go of the file lock a moment after the drop.
-        let reopen = std::time::Instant::now();
-        let store = loop {
-            match VerdictStore::open(&path, config.clone()) {
-                Ok(s) => break s,
-                Err(_) if reopen.elapsed() < std::time::Duration::from_secs(10) => {
-                    std::thread::sleep(std::time::Duration::from_millis(50))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let store = reopen_after_drop(|| VerdictStore::open(&path, config.clone()));
         assert_eq!(store.usage(), usage);
     }
 }

@@ -605,18 +605,8 @@ mod tests {
 
         // Reopened: labels survive; a discarded frame is gone.
         drop(q);
-        // sled's flusher thread lets go of the file lock a moment after the drop.
-        let reopen = std::time::Instant::now();
-        let q = loop {
-            match ReviewQueue::open(dir.path(), config()) {
-                Ok(q) => break q,
-                Err(e) if reopen.elapsed() < std::time::Duration::from_secs(10) => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let q =
+            crate::verdicts::store::reopen_after_drop(|| ReviewQueue::open(dir.path(), config()));
         assert_eq!(q.counts(), [1, 2]);
         assert!(q.discard(4).unwrap());
         assert!(!q.discard(4).unwrap());
