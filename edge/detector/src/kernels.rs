@@ -10,12 +10,17 @@
 //! GELU: burn's Flex backend evaluates `erf` with a scalar libm call per element, which made
 //! GELU 30% of the edge backbone's time (`cargo bench -p edge --bench swin_ops`). Here `erf`
 //! is a rational approximation (Eigen's `generic_fast_erf_float`, max abs error ~1e-7 in f32)
-//! that the compiler vectorises, with AVX2/FMA chosen at run time where the CPU has them.
+//! that the compiler vectorises.
+//!
+//! Both are compiled once per [`crate::cpu::KernelPath`] (AVX-512 16 wide, AVX2 8 wide with
+//! FMA, portable) and run the path chosen at start.
 
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::gelu as reference_gelu;
 use rayon::prelude::*;
+
+use crate::cpu::{self, KernelPath};
 
 /// Exact (erf) GELU as timm's `nn.GELU()`; fast path for inference on the Flex CPU backend.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -35,25 +40,34 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// `dst[i] = gelu(src[i])`, split over the rayon pool in cache-sized chunks.
 pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
+    gelu_into_with(cpu::active(), src, dst)
+}
+
+/// As [`gelu_into`] on a given path (one this CPU supports).
+pub fn gelu_into_with(path: KernelPath, src: &[f32], dst: &mut [f32]) {
+    assert!(path.supported(), "this CPU cannot run the {path} kernels");
     const CHUNK: usize = 16 * 1024;
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| gelu_chunk(s, d));
-}
-
-fn gelu_chunk(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { gelu_avx2(src, dst) };
-        return;
-    }
-    gelu_portable(src, dst);
+        .for_each(|(d, s)| match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (both): the path's features were checked above.
+            KernelPath::Avx512Vnni => unsafe { gelu_avx512(s, d) },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 | KernelPath::AvxVnni => unsafe { gelu_avx2(s, d) },
+            _ => gelu_portable(s, d),
+        });
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gelu_avx2(src: &[f32], dst: &mut [f32]) {
+    gelu_portable(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn gelu_avx512(src: &[f32], dst: &mut [f32]) {
     gelu_portable(src, dst)
 }
 
@@ -94,6 +108,18 @@ pub fn window_attention_applies(qkv: &Tensor<3>, bias: &Tensor<4>, heads: usize)
 /// [`window_attention_applies`]; both tensors are taken by value because burn reads a tensor
 /// that nothing else holds in place, and copies a shared one element by element.
 pub fn window_attention(qkv: Tensor<3>, bias: Tensor<4>, heads: usize, scale: f32) -> Tensor<3> {
+    window_attention_with(cpu::active(), qkv, bias, heads, scale)
+}
+
+/// As [`window_attention`] on a given path (one this CPU supports).
+pub fn window_attention_with(
+    path: KernelPath,
+    qkv: Tensor<3>,
+    bias: Tensor<4>,
+    heads: usize,
+    scale: f32,
+) -> Tensor<3> {
+    assert!(path.supported(), "this CPU cannot run the {path} kernels");
     assert!(
         window_attention_applies(&qkv, &bias, heads),
         "window_attention called on tensors it does not apply to"
@@ -120,15 +146,9 @@ pub fn window_attention(qkv: Tensor<3>, bias: Tensor<4>, heads: usize, scale: f3
             let qkv_window = &qkv_values[w * n * three_dim..(w + 1) * n * three_dim];
             let b = w % bias_windows;
             let bias_window = &bias_values[b * heads * n * n..(b + 1) * heads * n * n];
-            attend_window(&shape, qkv_window, bias_window, out_window);
+            attend_window(path, &shape, qkv_window, bias_window, out_window);
         });
     Tensor::from_data(TensorData::new(out, [windows, n, dim]), &device)
-}
-
-/// AVX2 with FMA: the kernels then run a copy of their loops compiled for 8-wide vectors.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 struct AttentionShape {
@@ -142,39 +162,72 @@ struct AttentionShape {
 /// Head sizes the kernel is compiled for (the edge model uses 24, swin_tiny 32).
 const HEAD_DIMS: [usize; 5] = [16, 24, 32, 48, 64];
 
-fn attend_window(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { attend_window_avx2(shape, qkv, bias, out) };
-        return;
+fn attend_window(
+    path: KernelPath,
+    shape: &AttentionShape,
+    qkv: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both): the caller checked that the CPU supports the path.
+        KernelPath::Avx512Vnni => unsafe { attend_window_avx512(shape, qkv, bias, out) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::AvxVnni => unsafe {
+            attend_window_avx2(shape, qkv, bias, out)
+        },
+        _ => attend_window_any::<false, 1>(shape, qkv, bias, out),
     }
-    attend_window_any(shape, qkv, bias, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_window_avx2(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
-    attend_window_any(shape, qkv, bias, out)
+    attend_window_any::<true, 1>(shape, qkv, bias, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn attend_window_avx512(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+    attend_window_any::<true, 4>(shape, qkv, bias, out)
 }
 
 #[inline(always)]
-fn attend_window_any(shape: &AttentionShape, qkv: &[f32], bias: &[f32], out: &mut [f32]) {
+fn attend_window_any<const FMA: bool, const CB: usize>(
+    shape: &AttentionShape,
+    qkv: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
     match shape.head_dim {
-        16 => attend_window_hd::<16>(shape, qkv, bias, out),
-        24 => attend_window_hd::<24>(shape, qkv, bias, out),
-        32 => attend_window_hd::<32>(shape, qkv, bias, out),
-        48 => attend_window_hd::<48>(shape, qkv, bias, out),
-        64 => attend_window_hd::<64>(shape, qkv, bias, out),
+        16 => attend_window_hd::<16, FMA, CB>(shape, qkv, bias, out),
+        24 => attend_window_hd::<24, FMA, CB>(shape, qkv, bias, out),
+        32 => attend_window_hd::<32, FMA, CB>(shape, qkv, bias, out),
+        48 => attend_window_hd::<48, FMA, CB>(shape, qkv, bias, out),
+        64 => attend_window_hd::<64, FMA, CB>(shape, qkv, bias, out),
         other => unreachable!("head dim {other} is filtered out before the kernel"),
     }
 }
 
-/// One window, every head. Scores are computed eight keys at a time (K transposed and padded
-/// to a multiple of 8, so the eight sums stay in one register), the weighted sum of values in
-/// a `HD`-float accumulator that also stays in registers.
+/// `a * b + c`, fused where the path has FMA (a plain `mul_add` elsewhere would be a library
+/// call per element).
 #[inline(always)]
-fn attend_window_hd<const HD: usize>(
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// Queries per lane block: the kernel keeps 64 queries of one key (or one channel) in four zmm
+/// or eight ymm registers.
+const QB: usize = 64;
+
+/// One window, every head, with the queries in the vector lanes: per head and block of 64
+/// queries, the scores of each key against all of them (`st[j][i]`, K broadcast against Q
+/// transposed, four keys at a time), the softmax down each lane, then each output channel as
+/// a sum over keys of `v[j][c] x st[j][..]` (`CB` channels at a time). Every inner loop is a
+/// fixed-size vector FMA with operands in registers; only the stores transpose back.
+#[inline(always)]
+fn attend_window_hd<const HD: usize, const FMA: bool, const CB: usize>(
     shape: &AttentionShape,
     qkv: &[f32],
     bias: &[f32],
@@ -187,111 +240,79 @@ fn attend_window_hd<const HD: usize>(
         scale,
         ..
     } = *shape;
-    let np = n.div_ceil(8) * 8;
     let stride = 3 * dim;
-    let mut kt = vec![0f32; HD * np];
-    let mut scores = vec![0f32; np];
+    let mut qt = vec![[0f32; QB]; HD];
+    let mut st = vec![[0f32; QB]; n];
     for h in 0..heads {
         let (q_off, k_off, v_off) = (h * HD, dim + h * HD, 2 * dim + h * HD);
-        for j in 0..n {
-            for c in 0..HD {
-                kt[c * np + j] = qkv[j * stride + k_off + c];
-            }
-        }
         let bias_head = &bias[h * n * n..(h + 1) * n * n];
-        for i in 0..n {
-            let mut q = [0f32; HD];
-            for (qc, &x) in q
-                .iter_mut()
-                .zip(&qkv[i * stride + q_off..i * stride + q_off + HD])
-            {
-                *qc = x * scale;
+        for i0 in (0..n).step_by(QB) {
+            let lanes = (n - i0).min(QB);
+            for (c, row) in qt.iter_mut().enumerate() {
+                for (l, q) in row.iter_mut().enumerate() {
+                    *q = if l < lanes {
+                        qkv[(i0 + l) * stride + q_off + c] * scale
+                    } else {
+                        0.0
+                    };
+                }
             }
-            // Up to 8 blocks of 8 keys at once: independent accumulators keep the FMA units
-            // busy (one block at a time was a chain of HD dependent FMAs).
-            for group in (0..np).step_by(64) {
-                let blocks = ((np - group) / 8).min(8);
-                let mut acc = [[0f32; 8]; 8];
-                for (c, &qc) in q.iter().enumerate() {
-                    let row = &kt[c * np + group..c * np + group + blocks * 8];
-                    for (a, k8) in acc.iter_mut().zip(row.chunks_exact(8)) {
-                        for l in 0..8 {
-                            a[l] += qc * k8[l];
+            // Scores, four keys at a time against the 64 queries.
+            let mut j = 0;
+            while j < n {
+                let keys = (n - j).min(4);
+                let mut acc = [[0f32; QB]; 4];
+                for (c, q) in qt.iter().enumerate() {
+                    for (t, a) in acc.iter_mut().enumerate().take(keys) {
+                        let k = qkv[(j + t) * stride + k_off + c];
+                        for l in 0..QB {
+                            a[l] = madd::<FMA>(k, q[l], a[l]);
                         }
                     }
                 }
-                for (b, a) in acc.iter().enumerate().take(blocks) {
-                    scores[group + b * 8..group + b * 8 + 8].copy_from_slice(a);
+                for (t, a) in acc.iter().enumerate().take(keys) {
+                    let row = &mut st[j + t];
+                    *row = *a;
+                    for l in 0..lanes {
+                        row[l] += bias_head[(i0 + l) * n + j + t];
+                    }
+                }
+                j += keys;
+            }
+            // Softmax over the keys, down each lane.
+            let mut max = [f32::NEG_INFINITY; QB];
+            for row in &st {
+                for l in 0..QB {
+                    max[l] = max[l].max(row[l]);
                 }
             }
-            let bias_row = &bias_head[i * n..(i + 1) * n];
-            for (s, &b) in scores[..n].iter_mut().zip(bias_row) {
-                *s += b;
-            }
-            let max = lanes_max(&scores[..n]);
-            for s in scores[..n].iter_mut() {
-                *s = exp(*s - max);
-            }
-            let inv = 1.0 / lanes_sum(&scores[..n]);
-            // Two interleaved accumulators over the keys: twice the independent FMA chains.
-            let (mut even, mut odd) = ([0f32; HD], [0f32; HD]);
-            let pairs = scores[..n].chunks_exact(2);
-            let last = pairs.remainder().first().copied();
-            for (jp, p) in pairs.enumerate() {
-                let j = 2 * jp;
-                let v0 = &qkv[j * stride + v_off..j * stride + v_off + HD];
-                let v1 = &qkv[(j + 1) * stride + v_off..(j + 1) * stride + v_off + HD];
-                for c in 0..HD {
-                    even[c] += p[0] * v0[c];
-                    odd[c] += p[1] * v1[c];
+            let mut sum = [0f32; QB];
+            for row in st.iter_mut() {
+                for l in 0..QB {
+                    row[l] = exp(row[l] - max[l]);
+                    sum[l] += row[l];
                 }
             }
-            if let Some(p) = last {
-                let j = n - 1;
-                let v = &qkv[j * stride + v_off..j * stride + v_off + HD];
-                for c in 0..HD {
-                    even[c] += p * v[c];
+            let inv: [f32; QB] = std::array::from_fn(|l| 1.0 / sum[l]);
+            // Outputs, CB channels at a time.
+            for c0 in (0..HD).step_by(CB) {
+                let mut acc = [[0f32; QB]; CB];
+                for (j, p) in st.iter().enumerate() {
+                    let v = &qkv[j * stride + v_off + c0..j * stride + v_off + c0 + CB];
+                    for (a, &vc) in acc.iter_mut().zip(v) {
+                        for l in 0..QB {
+                            a[l] = madd::<FMA>(vc, p[l], a[l]);
+                        }
+                    }
                 }
-            }
-            for ((o, a), b) in out[i * dim + h * HD..i * dim + (h + 1) * HD]
-                .iter_mut()
-                .zip(even)
-                .zip(odd)
-            {
-                *o = (a + b) * inv;
+                for (c, a) in acc.iter().enumerate() {
+                    for l in 0..lanes {
+                        out[(i0 + l) * dim + h * HD + c0 + c] = a[l] * inv[l];
+                    }
+                }
             }
         }
     }
-}
-
-// Reductions over eight independent lanes: a plain float fold is sequential by IEEE rules and
-// stops the compiler from vectorising the loop around it.
-#[inline(always)]
-fn lanes_max(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l = l.max(v);
-        }
-    }
-    rest.iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
-}
-
-#[inline(always)]
-fn lanes_sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += v;
-        }
-    }
-    rest.iter().chain(&lanes).sum()
 }
 
 /// exp(x) for x <= 0 as softmax needs it (Cephes' single-precision polynomial, ~1 ulp),
@@ -348,14 +369,35 @@ mod tests {
             &device,
         );
         for x in [x, edge_values] {
-            let fast = gelu(x.clone());
             let reference = reference_gelu(x.clone());
-            // Absolute 2e-6 near zero, relative 2e-7 (about 2 ulp) for large values.
-            let scale = x.abs().clamp_min(1.0);
-            let diff = ((fast - reference).abs() / scale)
-                .max()
-                .into_scalar::<f32>();
-            assert!(diff < 2e-6, "max scaled |fast - reference| = {diff}");
+            let src = x.clone().into_data().try_to_vec::<f32>().unwrap();
+            for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
+                let mut out = vec![0f32; src.len()];
+                gelu_into_with(path, &src, &mut out);
+                let fast = Tensor::<2>::from_data(TensorData::new(out, x.shape()), &device);
+                // Absolute 2e-6 near zero, relative 2e-7 (about 2 ulp) for large values.
+                let scale = x.clone().abs().clamp_min(1.0);
+                let diff = ((fast - reference.clone()).abs() / scale)
+                    .max()
+                    .into_scalar::<f32>();
+                assert!(
+                    diff < 2e-6,
+                    "{path}: max scaled |fast - reference| = {diff}"
+                );
+            }
+            // The tensor entry point runs the active path.
+            let same = gelu(x.clone()).equal(Tensor::from_data(
+                TensorData::new(
+                    {
+                        let mut out = vec![0f32; src.len()];
+                        gelu_into(&src, &mut out);
+                        out
+                    },
+                    x.shape(),
+                ),
+                &device,
+            ));
+            assert!(same.all().into_scalar::<bool>());
         }
     }
 
@@ -397,7 +439,14 @@ mod tests {
                 window_attention_applies(&qkv, &bias, heads),
                 "applies on Flex"
             );
-            let ours = window_attention(qkv.clone(), bias.clone(), heads, scale);
+            let paths: Vec<KernelPath> = KernelPath::ALL
+                .into_iter()
+                .filter(|p| p.supported())
+                .collect();
+            let ours: Vec<Tensor<3>> = paths
+                .iter()
+                .map(|&p| window_attention_with(p, qkv.clone(), bias.clone(), heads, scale))
+                .collect();
             let split = qkv
                 .reshape([windows, n, 3, heads, head_dim])
                 .permute([2, 0, 3, 1, 4]);
@@ -418,11 +467,13 @@ mod tests {
             };
             let reference = attention(part(0), part(1), part(2), None, Some(bias_full), options);
             let reference = reference.swap_dims(1, 2).reshape([windows, n, dim]);
-            let diff = (ours - reference).abs().max().into_scalar::<f32>();
-            assert!(
-                diff < 2e-5,
-                "n {n}, head dim {head_dim}: max |ours - burn| = {diff}"
-            );
+            for (path, ours) in paths.iter().zip(ours) {
+                let diff = (ours - reference.clone()).abs().max().into_scalar::<f32>();
+                assert!(
+                    diff < 2e-5,
+                    "{path}: n {n}, head dim {head_dim}: max |ours - burn| = {diff}"
+                );
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 //! synthetic source draw. Nothing here knows MQTT, HTTP or sled.
 
 pub mod cli;
+pub mod cpu;
 pub mod device;
 pub mod golden;
 pub mod head;

@@ -1,6 +1,6 @@
-//! INT8 compute for quantized models on the CPU: a GEMM with 32-bit integer accumulation. One
-//! file: the packing, the AVX2 kernel and the portable reference it is tested against belong
-//! together.
+//! INT8 compute for quantized models on the CPU: a GEMM with 32-bit integer accumulation, with
+//! one kernel per CPU class chosen at run time ([`crate::cpu`]). The packing, the kernels and
+//! the portable reference they are tested against belong together.
 //!
 //! burn 0.22's quantized matmul on its CPU backend dequantizes and multiplies in float, so
 //! INT8 weights alone save bytes but not time. Here a Linear layer of a quantized model file
@@ -8,13 +8,20 @@
 //! file), and each call quantizes its input per row (dynamic, symmetric: scale = max|x| / 127),
 //! multiplies in integers, and scales the `i32` sums back: `y = (qx . qw) * sx * sw + b`.
 //!
-//! The kernel is for x86-64 with AVX2, which has no dot-product instruction for bytes (VNNI):
-//! weights and inputs are widened to `i16` and `vpmaddwd` multiplies 16 pairs and adds
-//! neighbours into 8 `i32` lanes, 16 multiply-adds per instruction against 8 for an f32 FMA, with
-//! no overflow (|q| <= 127: a pair sums to at most 32,258, and K <= 66,000 products fit an
-//! `i32`). Weights are packed once at load, in panels of 16 output channels with input pairs
-//! interleaved; a 6-row by 16-column block of accumulators lives in registers. Elsewhere (no
-//! AVX2, autodiff, GPUs) the layer runs as the float Linear it also is.
+//! Every path computes the same integers and the same epilogue, so their outputs are equal to
+//! the bit (the tests compare each path the CPU has against the portable one):
+//! - AVX-512 VNNI and AVX-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, four per 32-bit
+//!   lane. Inputs are stored as `u8 = q + 128` and each column's `128 x sum(w)` is subtracted
+//!   after the sums. Weights are packed in panels of 16 output channels, four inputs per
+//!   channel in each 64-byte row (one zmm, or two ymm). The AVX-512 kernel keeps 8 rows x 32
+//!   columns of sums in registers, the AVX-VNNI one 6 x 16.
+//! - AVX2: no byte dot product, so weights and inputs are widened to `i16` and `vpmaddwd`
+//!   multiplies 16 pairs and adds neighbours into 8 `i32` lanes; 6 rows x 16 columns.
+//! - Portable: `i8` dot products in plain Rust; the reference. With it a quantized model runs
+//!   its float layers instead (as on CPUs without AVX2), and so do autodiff and the GPUs.
+//!
+//! No sum overflows: |q| <= 127 on both sides (255 x 127 for the offset inputs), so K <= 66,000
+//! products fit an `i32`.
 
 use std::sync::Arc;
 
@@ -22,30 +29,44 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-/// Rows per register block.
-const MR: usize = 6;
-/// Output channels per packed panel (two 8-lane vectors).
+use crate::cpu::{self, KernelPath};
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Output channels per packed panel.
 const NR: usize = 16;
-/// Rows per parallel task.
-const ROWS_PER_TASK: usize = MR * 8;
+/// Rows per parallel task (a multiple of every kernel's row block: 6 and 8).
+const ROWS_PER_TASK: usize = 48;
 /// Layers smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_MACS: usize = 1 << 21;
 /// Memory passes (transposes, im2col) over fewer elements run on the calling thread.
 const PARALLEL_ELEMENTS: usize = 1 << 18;
 
-/// A Linear layer's weights packed for the INT8 kernel.
+/// A Linear layer's weights packed for one kernel path.
 #[derive(Debug)]
 pub struct Int8Linear {
+    path: KernelPath,
     k: usize,
     n: usize,
-    /// `k` rounded up to even: inputs are consumed in pairs.
+    /// Quantized inputs per row: `k` rounded up to the kernel's group of inputs.
     k_pad: usize,
     panels: usize,
-    /// `[panel][pair][16 columns x (even, odd input)]` as i16.
-    packed: Vec<i16>,
+    weights: Packed,
     /// Per output channel, padded to whole panels with zeros.
     scales: Vec<f32>,
     bias: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum Packed {
+    /// AVX2: `[panel][pair][16 columns x (even, odd input)]` as i16.
+    Pairs(Vec<i16>),
+    /// VNNI: `[panel][quad][16 columns x 4 inputs]` as i8, and per column (padded to whole
+    /// panels) `128 x sum(w)`, the excess that the `u8 = q + 128` inputs add to each sum.
+    Quads { weights: Vec<i8>, excess: Vec<i32> },
+    /// Portable: `[column][k]` as i8.
+    Columns(Vec<i8>),
 }
 
 /// Shared handle stored in the model (cloned with it, never trained).
@@ -53,31 +74,81 @@ pub type Int8Weights = Option<Arc<Int8Linear>>;
 
 impl Int8Linear {
     /// From INT8 weights in burn's Linear layout `[k (in), n (out)]`, row-major, with one scale
-    /// per output column.
+    /// per output column, packed for this process's kernel path.
     pub fn new(q: &[i8], scales: &[f32], k: usize, n: usize, bias: Option<&[f32]>) -> Self {
+        Self::new_for(cpu::active(), q, scales, k, n, bias)
+    }
+
+    /// As [`Int8Linear::new`], for a given path (which this CPU must support).
+    pub fn new_for(
+        path: KernelPath,
+        q: &[i8],
+        scales: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Self {
         assert_eq!(q.len(), k * n, "weights are not [k, n]");
         assert_eq!(scales.len(), n, "one scale per output channel");
-        let k_pad = k.next_multiple_of(2);
-        let pairs = k_pad / 2;
+        assert!(path.supported(), "this CPU cannot run the {path} kernels");
         let panels = n.div_ceil(NR);
-        let mut packed = vec![0i16; panels * pairs * 2 * NR];
-        for panel in 0..panels {
-            for p in 0..pairs {
-                let base = (panel * pairs + p) * 2 * NR;
-                for j in 0..NR {
-                    let col = panel * NR + j;
-                    if col >= n {
-                        continue;
-                    }
-                    for t in 0..2 {
-                        let row = 2 * p + t;
-                        if row < k {
-                            packed[base + 2 * j + t] = q[row * n + col] as i16;
+        let at = |row: usize, col: usize| {
+            if row < k && col < n {
+                q[row * n + col]
+            } else {
+                0
+            }
+        };
+        let (k_pad, weights) = match path {
+            KernelPath::Avx2 => {
+                let k_pad = k.next_multiple_of(2);
+                let pairs = k_pad / 2;
+                let mut packed = vec![0i16; panels * pairs * 2 * NR];
+                for panel in 0..panels {
+                    for p in 0..pairs {
+                        let base = (panel * pairs + p) * 2 * NR;
+                        for j in 0..NR {
+                            for t in 0..2 {
+                                packed[base + 2 * j + t] = at(2 * p + t, panel * NR + j) as i16;
+                            }
                         }
                     }
                 }
+                (k_pad, Packed::Pairs(packed))
             }
-        }
+            KernelPath::AvxVnni | KernelPath::Avx512Vnni => {
+                let k_pad = k.next_multiple_of(4);
+                let quads = k_pad / 4;
+                let mut packed = vec![0i8; panels * quads * 4 * NR];
+                for panel in 0..panels {
+                    for g in 0..quads {
+                        let base = (panel * quads + g) * 4 * NR;
+                        for j in 0..NR {
+                            for t in 0..4 {
+                                packed[base + 4 * j + t] = at(4 * g + t, panel * NR + j);
+                            }
+                        }
+                    }
+                }
+                let excess = (0..panels * NR)
+                    .map(|col| 128 * (0..k).map(|row| at(row, col) as i32).sum::<i32>())
+                    .collect();
+                (
+                    k_pad,
+                    Packed::Quads {
+                        weights: packed,
+                        excess,
+                    },
+                )
+            }
+            KernelPath::Portable => {
+                let columns = (0..n)
+                    .flat_map(|col| (0..k).map(move |row| (row, col)))
+                    .map(|(row, col)| at(row, col))
+                    .collect();
+                (k.next_multiple_of(2), Packed::Columns(columns))
+            }
+        };
         let mut padded_scales = vec![0f32; panels * NR];
         padded_scales[..n].copy_from_slice(scales);
         let mut padded_bias = vec![0f32; panels * NR];
@@ -86,11 +157,12 @@ impl Int8Linear {
             padded_bias[..n].copy_from_slice(b);
         }
         Self {
+            path,
             k,
             n,
             k_pad,
             panels,
-            packed,
+            weights,
             scales: padded_scales,
             bias: padded_bias,
         }
@@ -99,8 +171,19 @@ impl Int8Linear {
     /// Quantizes float weights `[k, n]` per output column (scale = max|w| / 127): for weights
     /// that were loaded from an INT8 file this recovers the file's integers exactly.
     pub fn quantize(weights: &[f32], k: usize, n: usize, bias: Option<&[f32]>) -> Self {
+        Self::quantize_for(cpu::active(), weights, k, n, bias)
+    }
+
+    /// As [`Int8Linear::quantize`], for a given path.
+    pub fn quantize_for(
+        path: KernelPath,
+        weights: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Self {
         let (q, scales) = super::quant::quantize_weights(weights, &[k, n], 1);
-        Self::new(&q, &scales, k, n, bias)
+        Self::new_for(path, &q, &scales, k, n, bias)
     }
 
     pub fn in_features(&self) -> usize {
@@ -111,28 +194,25 @@ impl Int8Linear {
         self.n
     }
 
-    /// Whether this CPU can run the kernel.
+    /// The kernel path the weights are packed for.
+    pub fn path(&self) -> KernelPath {
+        self.path
+    }
+
+    /// Whether quantized models run their Linear layers in INT8 in this process: on every path
+    /// but the portable one, where burn's float layers are faster.
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        cpu::active() != KernelPath::Portable
     }
 
     /// Whether [`Int8Linear::forward`] can take this tensor: f32 on the Flex backend without
-    /// autodiff, last axis = in_features, on a CPU with AVX2.
+    /// autodiff, last axis = in_features.
     pub fn applies<const D: usize>(&self, x: &Tensor<D>) -> bool {
         let device = x.device();
         !device.is_autodiff()
             && device == Device::flex()
             && x.dtype() == DType::F32
             && x.dims()[D - 1] == self.k
-            && Self::supported()
     }
 
     /// `x`: `[..., k]` -> `[..., n]`. Call it where [`Int8Linear::applies`].
@@ -152,11 +232,20 @@ impl Int8Linear {
         Tensor::from_data(TensorData::new(out, dims), &device)
     }
 
-    /// `x`: `[m, k]` row-major; `out`: `[m, n]`. Needs [`Int8Linear::supported`].
+    /// `x`: `[m, k]` row-major; `out`: `[m, n]`.
     pub fn forward_slice(&self, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(out.len(), m * self.n);
         // SAFETY: out holds m x n values.
         unsafe { self.run(x, m, out.as_mut_ptr()) }
+    }
+
+    /// Quantized inputs take `k_pad` bytes a row (`k_pad` i16 for the AVX2 pairs); the
+    /// scratch buffer is counted in i16.
+    fn row_i16s(&self) -> usize {
+        match self.weights {
+            Packed::Pairs(_) => self.k_pad,
+            _ => self.k_pad / 2,
+        }
     }
 
     /// Writes all `m x n` outputs through `out`.
@@ -164,7 +253,6 @@ impl Int8Linear {
     /// # Safety
     /// `out` must be valid for `m * n` writes.
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32) {
-        assert!(Self::supported(), "the INT8 kernel needs AVX2");
         assert_eq!(x.len(), m * self.k);
         if m == 0 {
             return;
@@ -181,24 +269,12 @@ impl Int8Linear {
                 Ok(v) => v,
                 Err(_) => &mut fresh,
             };
-            if qx.len() < m * self.k_pad {
-                qx.resize(m * self.k_pad, 0);
+            let row = self.row_i16s();
+            if qx.len() < m * row {
+                qx.resize(m * row, 0);
             }
-            let qx = &mut qx[..m * self.k_pad];
+            let qx = &mut qx[..m * row];
             let mut sx = vec![0f32; m];
-            let quantize = |qx: &mut [i16], sx: &mut [f32], x: &[f32]| {
-                for ((q, s), x) in qx
-                    .chunks_mut(self.k_pad)
-                    .zip(sx.iter_mut())
-                    .zip(x.chunks(self.k))
-                {
-                    // SAFETY: AVX2 was checked above.
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        *s = unsafe { quantize_row(x, q) };
-                    }
-                }
-            };
             let out_ptr = SendPtr(out);
             let row_tasks = m.div_ceil(ROWS_PER_TASK);
             // Handing work to the thread pool costs tens of microseconds (the caller is not a
@@ -208,93 +284,149 @@ impl Int8Linear {
                 // Blocks of rows, each quantizing its own rows and then multiplying them.
                 let task = |(t, (qx, sx)): (usize, (&mut [i16], &mut [f32]))| {
                     let row0 = t * ROWS_PER_TASK;
-                    quantize(qx, sx, &x[row0 * self.k..(row0 + sx.len()) * self.k]);
+                    self.quantize_rows(qx, sx, &x[row0 * self.k..(row0 + sx.len()) * self.k]);
                     let out_ptr = &out_ptr;
-                    // SAFETY: AVX2 checked above; every task writes its own rows of `out`.
-                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: every task writes its own rows of `out`.
                     unsafe {
-                        self.block_avx2(qx, sx, 0..self.panels, out_ptr.0.add(row0 * self.n));
+                        self.block(qx, sx, 0..self.panels, out_ptr.0.add(row0 * self.n));
                     }
                 };
                 if parallel {
-                    qx.par_chunks_mut(ROWS_PER_TASK * self.k_pad)
+                    qx.par_chunks_mut(ROWS_PER_TASK * row)
                         .zip(sx.par_chunks_mut(ROWS_PER_TASK))
                         .enumerate()
                         .for_each(task);
                 } else {
-                    qx.chunks_mut(ROWS_PER_TASK * self.k_pad)
+                    qx.chunks_mut(ROWS_PER_TASK * row)
                         .zip(sx.chunks_mut(ROWS_PER_TASK))
                         .enumerate()
                         .for_each(task);
                 }
             } else {
                 // Few rows: quantize them here, then one task per panel.
-                quantize(qx, &mut sx, x);
+                self.quantize_rows(qx, &mut sx, x);
                 let (qx, sx) = (&*qx, &sx);
                 (0..self.panels).into_par_iter().for_each(|panel| {
                     let out_ptr = &out_ptr;
-                    // SAFETY: AVX2 checked above; every task writes its own columns of `out`.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        self.block_avx2(qx, sx, panel..panel + 1, out_ptr.0);
-                    }
+                    // SAFETY: every task writes its own columns of `out`.
+                    unsafe { self.block(qx, sx, panel..panel + 1, out_ptr.0) };
                 });
             }
         });
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    /// Rows `qx` (quantized, `sx.len()` of them) times the given panels, into `out` (the
-    /// first row's outputs).
-    unsafe fn block_avx2(
-        &self,
-        qx: &[i16],
-        sx: &[f32],
-        panels: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        let rows = 0..sx.len();
-        let pairs = self.k_pad / 2;
-        for panel in panels {
-            let b = &self.packed[panel * pairs * 2 * NR..(panel + 1) * pairs * 2 * NR];
-            let epilogue = Epilogue {
-                scales: &self.scales[panel * NR..(panel + 1) * NR],
-                bias: &self.bias[panel * NR..(panel + 1) * NR],
-                cols: ((panel + 1) * NR).min(self.n) - panel * NR,
-                row_stride: self.n,
+    /// Quantizes the rows of `x` into `qx` (this path's layout), their scales into `sx`.
+    fn quantize_rows(&self, qx: &mut [i16], sx: &mut [f32], x: &[f32]) {
+        let row = self.row_i16s();
+        for ((q, s), x) in qx.chunks_mut(row).zip(sx.iter_mut()).zip(x.chunks(self.k)) {
+            *s = match self.path {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY (all three): the path was checked to be supported at construction.
+                KernelPath::Avx2 => unsafe { x86::quantize_row_i16(x, q) },
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::AvxVnni => unsafe { x86::quantize_row_u8_avx2(x, as_bytes(q)) },
+                #[cfg(target_arch = "x86_64")]
+                KernelPath::Avx512Vnni => unsafe { x86::quantize_row_u8_avx512(x, as_bytes(q)) },
+                _ => quantize_row::<false>(x, as_bytes(q)),
             };
-            let mut r = rows.start;
-            while r < rows.end {
-                let count = (rows.end - r).min(MR);
-                let a = &qx[r * self.k_pad..(r + count) * self.k_pad];
-                let s = &sx[r..r + count];
-                // SAFETY: rows r.. r + count and this panel's columns are inside `out` and
-                // owned by this task; AVX2 is enabled on this function.
-                unsafe {
-                    let o = out.add(r * self.n + panel * NR);
-                    match count {
-                        6 => micro::<6>(a, b, self.k_pad, s, &epilogue, o),
-                        5 => micro::<5>(a, b, self.k_pad, s, &epilogue, o),
-                        4 => micro::<4>(a, b, self.k_pad, s, &epilogue, o),
-                        3 => micro::<3>(a, b, self.k_pad, s, &epilogue, o),
-                        2 => micro::<2>(a, b, self.k_pad, s, &epilogue, o),
-                        _ => micro::<1>(a, b, self.k_pad, s, &epilogue, o),
+        }
+    }
+
+    /// Rows `qx` (quantized, `sx.len()` of them) times the given panels, into `out` (the
+    /// first row's outputs, `n` apart).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of those rows' columns in these panels.
+    unsafe fn block(&self, qx: &[i16], sx: &[f32], panels: std::ops::Range<usize>, out: *mut f32) {
+        match (&self.weights, self.path) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (all three): the path was checked to be supported at construction; the
+            // caller vouches for `out`.
+            (Packed::Pairs(w), _) => unsafe { x86::block_avx2(self, w, qx, sx, panels, out) },
+            #[cfg(target_arch = "x86_64")]
+            (Packed::Quads { weights, excess }, KernelPath::Avx512Vnni) => unsafe {
+                x86::block_vnni512(self, weights, excess, as_bytes_ref(qx), sx, panels, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (Packed::Quads { weights, excess }, _) => unsafe {
+                x86::block_avxvnni(self, weights, excess, as_bytes_ref(qx), sx, panels, out)
+            },
+            (Packed::Columns(w), _) => {
+                let qx = as_bytes_ref(qx);
+                let cols = panels.start * NR..(panels.end * NR).min(self.n);
+                for (r, &s) in sx.iter().enumerate() {
+                    let a = &qx[r * self.k_pad..r * self.k_pad + self.k];
+                    for col in cols.clone() {
+                        let dot = dot_i8(a, &w[col * self.k..(col + 1) * self.k]);
+                        let y = (dot as f32).mul_add(s * self.scales[col], self.bias[col]);
+                        // SAFETY: the caller vouches for these rows and columns.
+                        unsafe { out.add(r * self.n + col).write(y) };
                     }
                 }
-                r += count;
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the portable path exists off x86-64"),
         }
     }
 }
 
-/// What turns a panel's i32 sums into outputs: `acc * sx[row] * scales[col] + bias[col]`.
-struct Epilogue<'a> {
-    scales: &'a [f32],
-    bias: &'a [f32],
-    /// Valid columns in this panel (16 but in the last).
-    cols: usize,
-    row_stride: usize,
+/// `sum a[i] * b[i]` of bytes holding i8 values, in i32.
+fn dot_i8(a: &[u8], b: &[i8]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x as i8 as i32 * y as i32)
+        .sum()
+}
+
+/// Symmetric quantization of one row into bytes (`q.len()` >= `x.len()`, the tail padded):
+/// `round(x * 127 / max|x|)` as i8, plus 128 as u8 when `OFFSET`. Returns the scale (NaN when
+/// the row holds a non-finite value, which then shows in the output). Every path's quantizer
+/// gives these values.
+#[inline(always)]
+fn quantize_row<const OFFSET: bool>(x: &[f32], q: &mut [u8]) -> f32 {
+    let zero = if OFFSET { 0x80 } else { 0 };
+    let mut lanes = [0f32; 16];
+    let mut finite = [true; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..16 {
+            let a = chunk[l].abs();
+            lanes[l] = lanes[l].max(a);
+            finite[l] &= a < f32::INFINITY;
+        }
+    }
+    let mut max = lanes.iter().fold(0f32, |m, &v| m.max(v));
+    let mut all_finite = finite.iter().all(|&f| f);
+    for v in rest {
+        max = max.max(v.abs());
+        all_finite &= v.is_finite();
+    }
+    if !all_finite {
+        q.fill(zero);
+        return f32::NAN;
+    }
+    if max == 0.0 {
+        q.fill(zero);
+        return 1.0;
+    }
+    let inv = 127.0 / max;
+    for (d, &v) in q.iter_mut().zip(x) {
+        // |v * inv| <= 127: the conversion is exact, and the same on every path.
+        *d = ((v * inv).round_ties_even() as i32 as i8 as u8) ^ zero;
+    }
+    q[x.len()..].fill(zero);
+    max / 127.0
+}
+
+fn as_bytes(v: &mut [i16]) -> &mut [u8] {
+    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) }
+}
+
+fn as_bytes_ref(v: &[i16]) -> &[u8] {
+    // SAFETY: as in `as_bytes`.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) }
 }
 
 /// A 2-D convolution (any kernel size, stride and zero padding; no dilation or groups) of a
@@ -471,125 +603,10 @@ fn recycle(v: Vec<f32>) {
         }
     });
 }
-
 struct SendPtr(*mut f32);
 // SAFETY: the pointer is only written through at disjoint ranges by the tasks.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
-
-/// Symmetric per-row quantization into `q` (length k rounded up to even, tail zeroed); returns
-/// the scale (NaN when the row holds a non-finite value, which then shows in the output).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn quantize_row(x: &[f32], q: &mut [i16]) -> f32 {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    let full = k / 16 * 16;
-    // SAFETY: every load and store is inside x and q (16-element steps below `full`).
-    unsafe {
-        let sign = _mm256_set1_ps(-0.0);
-        let mut m = _mm256_setzero_ps();
-        let mut nan = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= k {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-            i += 8;
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let mut max = lanes.iter().fold(0f32, |a, &b| a.max(b));
-        let mut finite = _mm256_movemask_ps(nan) == 0;
-        for v in &x[i..] {
-            max = max.max(v.abs());
-            finite &= v.is_finite();
-        }
-        if !finite || !max.is_finite() {
-            q.fill(0);
-            return f32::NAN;
-        }
-        if max == 0.0 {
-            q.fill(0);
-            return 1.0;
-        }
-        let inv = _mm256_set1_ps(127.0 / max);
-        let mut i = 0;
-        while i < full {
-            // cvtps rounds to nearest even; packs + permute put the 16 values back in order.
-            let a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), inv));
-            let b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), inv));
-            let packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0b11_01_10_00);
-            _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, packed);
-            i += 16;
-        }
-        let inv = 127.0 / max;
-        for j in full..k {
-            q[j] = (x[j] * inv).round_ties_even() as i16;
-        }
-        q[k..].fill(0);
-        max / 127.0
-    }
-}
-
-/// `out[r][j] = (sum_k a[r][k] * w[k][j]) * sx[r] * scales[j] + bias[j]` for R rows and one
-/// 16-column panel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn micro<const R: usize>(
-    a: &[i16],
-    b: &[i16],
-    k_pad: usize,
-    sx: &[f32],
-    epilogue: &Epilogue,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    let pairs = k_pad / 2;
-    debug_assert!(a.len() >= R * k_pad && b.len() >= pairs * 2 * NR && sx.len() >= R);
-    let zero = _mm256_setzero_si256();
-    let mut c0 = [zero; R];
-    let mut c1 = [zero; R];
-    let a_ptr = a.as_ptr();
-    let mut b_ptr = b.as_ptr() as *const __m256i;
-    for p in 0..pairs {
-        // SAFETY: p < pairs; b holds 2 vectors per pair, a holds R rows of k_pad.
-        unsafe {
-            let b0 = _mm256_loadu_si256(b_ptr);
-            let b1 = _mm256_loadu_si256(b_ptr.add(1));
-            b_ptr = b_ptr.add(2);
-            for r in 0..R {
-                let pair = (a_ptr.add(r * k_pad + 2 * p) as *const i32).read_unaligned();
-                let av = _mm256_set1_epi32(pair);
-                c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(av, b0));
-                c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(av, b1));
-            }
-        }
-    }
-    // SAFETY: scales and bias hold 16 values; out rows hold `cols` values at row_stride.
-    unsafe {
-        let s0 = _mm256_loadu_ps(epilogue.scales.as_ptr());
-        let s1 = _mm256_loadu_ps(epilogue.scales.as_ptr().add(8));
-        let bias0 = _mm256_loadu_ps(epilogue.bias.as_ptr());
-        let bias1 = _mm256_loadu_ps(epilogue.bias.as_ptr().add(8));
-        for r in 0..R {
-            let sr = _mm256_set1_ps(sx[r]);
-            let y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0[r]), _mm256_mul_ps(sr, s0), bias0);
-            let y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1[r]), _mm256_mul_ps(sr, s1), bias1);
-            let row = out.add(r * epilogue.row_stride);
-            if epilogue.cols == NR {
-                _mm256_storeu_ps(row, y0);
-                _mm256_storeu_ps(row.add(8), y1);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), y0);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), y1);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), row, epilogue.cols);
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -607,10 +624,6 @@ mod tests {
     /// panel).
     #[test]
     fn matches_the_integer_reference_and_the_float_product() {
-        if !Int8Linear::supported() {
-            eprintln!("no AVX2 here: the INT8 kernel is not used on this CPU");
-            return;
-        }
         let mut seed = 7;
         for (m, k, n) in [
             (1, 48, 144),
@@ -623,7 +636,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             let w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed) * 0.2).collect();
             let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-            let layer = Int8Linear::quantize(&w, k, n, Some(&bias));
+            let layer = Int8Linear::quantize_for(KernelPath::Portable, &w, k, n, Some(&bias));
             let mut out = vec![0f32; m * n];
             layer.forward_slice(&x, m, &mut out);
             let (qw, sw) = super::super::quant::quantize_weights(&w, &[k, n], 1);
@@ -707,6 +720,54 @@ mod tests {
                 diff < 0.03 * spread,
                 "{cin}->{cout} k{k}: diff {diff}, spread {spread}"
             );
+        }
+    }
+
+    /// Every kernel path this CPU has gives the portable path's outputs to the bit, on every
+    /// shape class (rows not a multiple of 6 or 8, k not a multiple of 2 or 4, columns not a
+    /// multiple of 16 or 32, the row-parallel and the panel-parallel split) and on rows that
+    /// are all zero or hold a NaN.
+    #[test]
+    fn every_path_equals_the_portable_one() {
+        let mut seed = 11;
+        let paths: Vec<KernelPath> = KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.supported() && *p != KernelPath::Portable)
+            .collect();
+        eprintln!("paths compared with the portable one: {paths:?}");
+        for (m, k, n) in [
+            (1, 48, 144),
+            (7, 3, 5),
+            (9, 5, 33),
+            (13, 47, 48),
+            (300, 96, 192),
+            (500, 64, 80),
+            (49, 385, 17),
+            (17, 1030, 40),
+        ] {
+            let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+            x[..k].fill(0.0);
+            if m > 2 {
+                x[2 * k + k / 2] = f32::NAN;
+            }
+            let w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed) * 0.2).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+            let reference = Int8Linear::quantize_for(KernelPath::Portable, &w, k, n, Some(&bias));
+            let mut want = vec![0f32; m * n];
+            reference.forward_slice(&x, m, &mut want);
+            for &path in &paths {
+                let layer = Int8Linear::quantize_for(path, &w, k, n, Some(&bias));
+                let mut got = vec![0f32; m * n];
+                layer.forward_slice(&x, m, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "{path} ({m},{k},{n}) [{},{}]: {g} vs portable {w}",
+                        i / n,
+                        i % n
+                    );
+                }
+            }
         }
     }
 
