@@ -70,10 +70,13 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // A bad EDGE_CPU_KERNELS is an error here, before any kernel runs.
+    edge_detector::cpu::select_from_env().map_err(anyhow::Error::msg)?;
     let device = cli.device.device()?;
     match cli.command {
         Command::Run { config } => {
             let config = edge::config::EdgeConfig::load(&config)?;
+            tracing::info!("{}", edge_detector::cpu::describe());
             if edge::faults::COMPILED_IN {
                 tracing::warn!(
                     "this is a test build: fault-injection points are compiled in (build for a line with `cargo build --release -p edge`)"
@@ -159,6 +162,7 @@ fn main() -> Result<()> {
                 2.0 * detector.config.macs() as f64 / 1e9
             );
             println!("weights: {quantization}, {} bytes", bytes.len());
+            println!("{}", edge_detector::cpu::describe());
         }
     }
     Ok(())

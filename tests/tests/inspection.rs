@@ -234,6 +234,11 @@ fn http_health_metrics_verdicts_and_frames() {
     assert_eq!(status, 200);
     assert!(metrics.contains("edge_frames_total 12"), "{metrics}");
     assert!(metrics.contains("edge_active_model_version 1"), "{metrics}");
+    let kernels = format!(
+        "edge_cpu_kernels{{path=\"{}\"}} 1",
+        edge_detector::cpu::KernelPath::best()
+    );
+    assert!(metrics.contains(&kernels), "{kernels} in {metrics}");
     assert!(metrics.contains("edge_outbox_pending 0"), "{metrics}");
     assert!(
         metrics.contains("edge_latency_seconds_count 12"),
@@ -368,4 +373,44 @@ fn synthetic_strip_verdicts_match_its_ground_truth() {
         located as f64 >= 0.8 * tp as f64,
         "boxes on the defects in {located} of {tp} failed frames"
     );
+}
+
+/// `edge info` names the CPU kernel path the CPU chose; `EDGE_CPU_KERNELS` forces one, and a
+/// value that is not a path stops the binary with the variable named.
+#[test]
+fn cpu_kernel_path_is_reported_and_can_be_forced() {
+    use edge_detector::cpu::KernelPath;
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../edge/models/neu-edge.edgepkg"
+    );
+    let info = |kernels: Option<&str>| {
+        let mut command = std::process::Command::new(e2e::bin("edge"));
+        command.args(["info", "--model", model]);
+        match kernels {
+            Some(k) => command.env("EDGE_CPU_KERNELS", k),
+            None => command.env_remove("EDGE_CPU_KERNELS"),
+        };
+        let out = command.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = info(None);
+    let best = KernelPath::best();
+    assert!(
+        ok && out.contains(&format!("CPU kernels: {best} ")),
+        "{out}"
+    );
+    let (ok, out) = info(Some("portable"));
+    assert!(ok && out.contains("CPU kernels: portable "), "{out}");
+    let (ok, out) = info(Some("sse9"));
+    assert!(
+        !ok && out.contains("EDGE_CPU_KERNELS=\"sse9\" is not a kernel path"),
+        "{out}"
+    );
+    if let Some(missing) = KernelPath::ALL.into_iter().find(|p| !p.supported()) {
+        let (ok, out) = info(Some(missing.name()));
+        assert!(!ok && out.contains("this CPU lacks"), "{out}");
+    }
 }

@@ -17,5 +17,8 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    trainer::commands::run(trainer::commands::Cli::parse())
+    let cli = trainer::commands::Cli::parse();
+    // Evaluation and compression run the CPU kernels: a bad EDGE_CPU_KERNELS is an error here.
+    edge_detector::cpu::select_from_env().map_err(anyhow::Error::msg)?;
+    trainer::commands::run(cli)
 }

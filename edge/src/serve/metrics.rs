@@ -14,6 +14,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelLabel {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabel {
     pub cause: &'static str,
 }
@@ -97,6 +102,17 @@ impl Default for Metrics {
                 cause: cause.as_str(),
             });
         }
+        let kernels: Family<KernelLabel, Gauge> = Family::default();
+        kernels
+            .get_or_create(&KernelLabel {
+                path: edge_detector::cpu::active().name(),
+            })
+            .set(1);
+        registry.register(
+            "cpu_kernels",
+            "The CPU kernel path this process runs (1 on its label; EDGE_CPU_KERNELS forces one)",
+            kernels,
+        );
         registry.register(
             "verdicts_lost",
             "Verdicts not stored, or dropped undelivered because they alone filled the store's budget (alarm: must stay 0)",
