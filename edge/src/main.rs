@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    edge_detector::cpu::hold_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

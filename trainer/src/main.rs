@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    edge_detector::cpu::hold_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             // rumqttd (the demo's broker) logs every connection at info.

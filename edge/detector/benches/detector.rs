@@ -30,6 +30,7 @@ fn median_ms(mut f: impl FnMut(), warmup: usize, runs: usize) -> (f64, f64) {
 }
 
 fn main() {
+    edge_detector::cpu::hold_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args

@@ -16,6 +16,7 @@ mod common;
 use common::{arg, time_ms};
 
 fn main() {
+    edge_detector::cpu::hold_freed_memory();
     let batch: usize = arg("--batch").and_then(|v| v.parse().ok()).unwrap_or(1);
     // `--only TEXT`: just the rows whose name contains TEXT (for profiling one shape).
     let only = arg("--only");

@@ -19,6 +19,7 @@ fn median(mut t: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    edge_detector::cpu::hold_freed_memory();
     let files: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
