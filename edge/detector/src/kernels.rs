@@ -28,53 +28,55 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if device.is_autodiff() || device != Device::flex() || x.dtype() != DType::F32 {
         return reference_gelu(x);
     }
-    let shape = x.shape();
-    let data = x.into_data();
-    let Ok(src) = data.as_slice::<f32>() else {
-        return reference_gelu(Tensor::from_data(data, &device));
-    };
-    let mut out = vec![0f32; src.len()];
-    gelu_into(src, &mut out);
-    Tensor::from_data(TensorData::new(out, shape), &device)
+    // In place: burn hands over the buffer of a tensor nothing else holds.
+    let mut data = x.into_data();
+    match data.as_mut_slice::<f32>() {
+        Ok(values) => gelu_in_place(values),
+        Err(_) => return reference_gelu(Tensor::from_data(data, &device)),
+    }
+    Tensor::from_data(data, &device)
 }
 
-/// `dst[i] = gelu(src[i])`, split over the rayon pool in cache-sized chunks.
-pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
-    gelu_into_with(cpu::active(), src, dst)
+/// `x[i] = gelu(x[i])`, split over the rayon pool in cache-sized chunks.
+pub fn gelu_in_place(x: &mut [f32]) {
+    gelu_in_place_with(cpu::active(), x)
 }
 
-/// As [`gelu_into`] on a given path (one this CPU supports).
-pub fn gelu_into_with(path: KernelPath, src: &[f32], dst: &mut [f32]) {
+/// As [`gelu_in_place`] on a given path (one this CPU supports).
+pub fn gelu_in_place_with(path: KernelPath, x: &mut [f32]) {
     assert!(path.supported(), "this CPU cannot run the {path} kernels");
     const CHUNK: usize = 16 * 1024;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| match path {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY (both): the path's features were checked above.
-            KernelPath::Avx512Vnni => unsafe { gelu_avx512(s, d) },
-            #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 | KernelPath::AvxVnni => unsafe { gelu_avx2(s, d) },
-            _ => gelu_portable(s, d),
-        });
+    let run = |x: &mut [f32]| match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both): the path's features were checked above.
+        KernelPath::Avx512Vnni => unsafe { gelu_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::AvxVnni => unsafe { gelu_avx2(x) },
+        _ => gelu_portable(x),
+    };
+    if x.len() <= CHUNK {
+        run(x); // the calling thread: handing over costs more than the work
+    } else {
+        x.par_chunks_mut(CHUNK).for_each(run);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gelu_avx2(src: &[f32], dst: &mut [f32]) {
-    gelu_portable(src, dst)
+fn gelu_avx2(x: &mut [f32]) {
+    gelu_portable(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn gelu_avx512(src: &[f32], dst: &mut [f32]) {
-    gelu_portable(src, dst)
+fn gelu_avx512(x: &mut [f32]) {
+    gelu_portable(x)
 }
 
 #[inline(always)]
-fn gelu_portable(src: &[f32], dst: &mut [f32]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_portable(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
@@ -248,13 +250,14 @@ fn attend_window_hd<const HD: usize, const FMA: bool, const CB: usize>(
         let bias_head = &bias[h * n * n..(h + 1) * n * n];
         for i0 in (0..n).step_by(QB) {
             let lanes = (n - i0).min(QB);
-            for (c, row) in qt.iter_mut().enumerate() {
-                for (l, q) in row.iter_mut().enumerate() {
-                    *q = if l < lanes {
-                        qkv[(i0 + l) * stride + q_off + c] * scale
-                    } else {
-                        0.0
-                    };
+            for (l, token) in qkv[i0 * stride..].chunks(stride).take(lanes).enumerate() {
+                for (row, &q) in qt.iter_mut().zip(&token[q_off..q_off + HD]) {
+                    row[l] = q * scale;
+                }
+            }
+            if lanes < QB {
+                for row in qt.iter_mut() {
+                    row[lanes..].fill(0.0);
                 }
             }
             // Scores, four keys at a time against the 64 queries.
@@ -372,8 +375,8 @@ mod tests {
             let reference = reference_gelu(x.clone());
             let src = x.clone().into_data().try_to_vec::<f32>().unwrap();
             for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
-                let mut out = vec![0f32; src.len()];
-                gelu_into_with(path, &src, &mut out);
+                let mut out = src.clone();
+                gelu_in_place_with(path, &mut out);
                 let fast = Tensor::<2>::from_data(TensorData::new(out, x.shape()), &device);
                 // Absolute 2e-6 near zero, relative 2e-7 (about 2 ulp) for large values.
                 let scale = x.clone().abs().clamp_min(1.0);
@@ -389,8 +392,8 @@ mod tests {
             let same = gelu(x.clone()).equal(Tensor::from_data(
                 TensorData::new(
                     {
-                        let mut out = vec![0f32; src.len()];
-                        gelu_into(&src, &mut out);
+                        let mut out = src.clone();
+                        gelu_in_place(&mut out);
                         out
                     },
                     x.shape(),
