@@ -153,6 +153,139 @@ pub fn window_attention_with(
     Tensor::from_data(TensorData::new(out, [windows, n, dim]), &device)
 }
 
+/// Whether [`windows_from_image`] and [`image_from_windows`] apply: the Flex backend without
+/// autodiff, f32.
+pub fn window_copy_applies(x: &Tensor<4>) -> bool {
+    let device = x.device();
+    !device.is_autodiff() && device == Device::flex() && x.dtype() == DType::F32
+}
+
+/// Geometry of a shifted-window layout: image `[b, h, w, c]`, padded to `[hp, wp]` (multiples
+/// of the window), cyclic shift `[sh, sw]`.
+#[derive(Clone, Copy)]
+struct WindowGrid {
+    h: usize,
+    w: usize,
+    c: usize,
+    window: [usize; 2],
+    shift: [usize; 2],
+    hp: usize,
+    wp: usize,
+}
+
+impl WindowGrid {
+    fn new(h: usize, w: usize, c: usize, window: [usize; 2], shift: [usize; 2]) -> Self {
+        let [wh, ww] = window;
+        Self {
+            h,
+            w,
+            c,
+            window,
+            shift,
+            hp: h.div_ceil(wh) * wh,
+            wp: w.div_ceil(ww) * ww,
+        }
+    }
+
+    fn windows_per_image(&self) -> usize {
+        (self.hp / self.window[0]) * (self.wp / self.window[1])
+    }
+}
+
+/// One copy for Swin's `roll(-shift)`, zero padding to whole windows and window partition:
+/// `[b, h, w, c]` -> `[b * nW, wh * ww, c]`, windows in row-major order per image (timm's order).
+/// burn's path is three copies (roll, pad, permute). Call where [`window_copy_applies`].
+pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -> Tensor<3> {
+    let device = x.device();
+    let [b, h, w, c] = x.dims();
+    let grid = WindowGrid::new(h, w, c, window, shift);
+    let [wh, ww] = window;
+    let (n, nw) = (wh * ww, grid.windows_per_image());
+    let data = x.into_data();
+    let src = data.as_slice::<f32>().expect("checked f32");
+    let mut out = vec![0f32; b * nw * n * c];
+    let windows_across = grid.wp / ww;
+    let fill = |index: usize, dst: &mut [f32]| {
+        let (image, wi) = (index / nw, index % nw);
+        let (y0, x0) = ((wi / windows_across) * wh, (wi % windows_across) * ww);
+        for r in 0..wh {
+            let y = y0 + r;
+            if y >= h {
+                break; // padding rows stay zero
+            }
+            let sy = (y + shift[0]) % h;
+            for s in 0..ww {
+                let x = x0 + s;
+                if x >= w {
+                    break;
+                }
+                let sx = (x + shift[1]) % w;
+                let from = ((image * h + sy) * w + sx) * c;
+                dst[(r * ww + s) * c..][..c].copy_from_slice(&src[from..from + c]);
+            }
+        }
+    };
+    if out.len() < PARALLEL_COPY {
+        out.chunks_mut(n * c)
+            .enumerate()
+            .for_each(|(i, d)| fill(i, d));
+    } else {
+        out.par_chunks_mut(n * c)
+            .enumerate()
+            .for_each(|(i, d)| fill(i, d));
+    }
+    Tensor::from_data(TensorData::new(out, [b * nw, n, c]), &device)
+}
+
+/// The inverse of [`windows_from_image`] in one copy: window reverse, crop of the padding and
+/// `roll(+shift)`: `[b * nW, wh * ww, c]` -> `[b, h, w, c]`.
+pub fn image_from_windows(
+    windows: Tensor<3>,
+    window: [usize; 2],
+    shift: [usize; 2],
+    b: usize,
+    h: usize,
+    w: usize,
+) -> Tensor<4> {
+    let device = windows.device();
+    let [_, n, c] = windows.dims();
+    let grid = WindowGrid::new(h, w, c, window, shift);
+    let [wh, ww] = window;
+    assert_eq!(n, wh * ww, "windows of {n} tokens for a {wh}x{ww} window");
+    let nw = grid.windows_per_image();
+    let windows_across = grid.wp / ww;
+    let data = windows.into_data();
+    let src = data.as_slice::<f32>().expect("checked f32");
+    let mut out = vec![0f32; b * h * w * c];
+    // One destination row (image, oy) at a time: its tokens came from row y of the shifted grid.
+    let fill = |row: usize, dst: &mut [f32]| {
+        let (image, oy) = (row / h, row % h);
+        let y = (oy + h - shift[0] % h) % h;
+        let (wy, r) = (y / wh, y % wh);
+        for ox in 0..w {
+            let x = (ox + w - shift[1] % w) % w;
+            let (wx, s) = (x / ww, x % ww);
+            let window = image * nw + wy * windows_across + wx;
+            let from = (window * n + r * ww + s) * c;
+            dst[ox * c..][..c].copy_from_slice(&src[from..from + c]);
+        }
+    };
+    if out.len() < PARALLEL_COPY {
+        out.chunks_mut(w * c)
+            .enumerate()
+            .for_each(|(i, d)| fill(i, d));
+    } else {
+        out.par_chunks_mut(w * c)
+            .enumerate()
+            .for_each(|(i, d)| fill(i, d));
+    }
+    debug_assert_eq!(grid.hp % wh, 0);
+    Tensor::from_data(TensorData::new(out, [b, h, w, c]), &device)
+}
+
+/// Copies over fewer elements run on the calling thread.
+const PARALLEL_COPY: usize = 1 << 16;
+
 struct AttentionShape {
     n: usize,
     dim: usize,
@@ -359,6 +492,51 @@ pub fn erf(x: f32) -> f32 {
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    #[test]
+    fn window_copies_equal_burns_roll_pad_and_partition() {
+        use burn::tensor::ops::PadMode;
+        let device = Device::flex();
+        // Shifted and not, padded and not, one window per image, batch > 1.
+        for (b, h, w, c, window, shift) in [
+            (2, 14, 21, 3, [7, 7], [3, 3]),
+            (1, 14, 14, 5, [7, 7], [0, 0]),
+            (3, 10, 9, 4, [7, 7], [3, 3]),
+            (2, 7, 7, 8, [7, 7], [0, 0]),
+            (1, 12, 16, 2, [4, 8], [2, 4]),
+        ] {
+            let x = Tensor::<4>::random([b, h, w, c], Distribution::Default, &device);
+            assert!(window_copy_applies(&x));
+            let [wh, ww] = window;
+            let (pad_h, pad_w) = ((wh - h % wh) % wh, (ww - w % ww) % ww);
+            let shifted = x
+                .clone()
+                .roll(&[-(shift[0] as i64), -(shift[1] as i64)], &[1, 2]);
+            let padded = shifted.pad([(0, pad_h), (0, pad_w), (0, 0)], PadMode::Constant(0.0));
+            let (hp, wp) = (h + pad_h, w + pad_w);
+            let reference = padded
+                .reshape([b, hp / wh, wh, wp / ww, ww, c])
+                .permute([0, 1, 3, 2, 4, 5])
+                .reshape([b * (hp / wh) * (wp / ww), wh * ww, c]);
+            let ours = windows_from_image(x.clone(), window, shift);
+            ours.clone()
+                .into_data()
+                .assert_eq(&reference.clone().into_data(), true);
+            // And back: an attention stand-in (x 2) in between, then reverse, crop, roll.
+            let attended = reference * 2.0;
+            let merged = attended
+                .clone()
+                .reshape([b, hp / wh, wp / ww, wh, ww, c])
+                .permute([0, 1, 3, 2, 4, 5])
+                .reshape([b, hp, wp, c])
+                .slice([0..b, 0..h, 0..w, 0..c])
+                .roll(&[shift[0] as i64, shift[1] as i64], &[1, 2]);
+            let back = image_from_windows(attended, window, shift, b, h, w);
+            back.into_data()
+                .assert_eq(&merged.clone().into_data(), true);
+            (x * 2.0).into_data().assert_eq(&merged.into_data(), true);
+        }
+    }
 
     #[test]
     fn fast_gelu_matches_burn_gelu() {

@@ -593,6 +593,17 @@ impl SwinBlock {
         let [b, h, w, c] = x.dims();
         let [wh, ww] = self.window;
         let [sh, sw] = self.shift;
+        if super::kernels::window_copy_applies(&x) {
+            // Inference on the CPU: roll, pad and partition in one copy, and back in one.
+            let (hp, wp) = (h.div_ceil(wh) * wh, w.div_ceil(ww) * ww);
+            let windows = super::kernels::windows_from_image(x, self.window, self.shift);
+            let mask = (sh + sw > 0).then(|| {
+                shift_mask([hp, wp], self.window, self.shift, &windows.device())
+                    .cast(windows.dtype())
+            });
+            let attended = self.attn.forward(windows, b, mask);
+            return super::kernels::image_from_windows(attended, self.window, self.shift, b, h, w);
+        }
         let shifted = if sh + sw > 0 {
             x.roll(&[-(sh as i64), -(sw as i64)], &[1, 2])
         } else {
