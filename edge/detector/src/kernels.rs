@@ -160,36 +160,10 @@ pub fn window_copy_applies(x: &Tensor<4>) -> bool {
     !device.is_autodiff() && device == Device::flex() && x.dtype() == DType::F32
 }
 
-/// Geometry of a shifted-window layout: image `[b, h, w, c]`, padded to `[hp, wp]` (multiples
-/// of the window), cyclic shift `[sh, sw]`.
-#[derive(Clone, Copy)]
-struct WindowGrid {
-    h: usize,
-    w: usize,
-    c: usize,
-    window: [usize; 2],
-    shift: [usize; 2],
-    hp: usize,
-    wp: usize,
-}
-
-impl WindowGrid {
-    fn new(h: usize, w: usize, c: usize, window: [usize; 2], shift: [usize; 2]) -> Self {
-        let [wh, ww] = window;
-        Self {
-            h,
-            w,
-            c,
-            window,
-            shift,
-            hp: h.div_ceil(wh) * wh,
-            wp: w.div_ceil(ww) * ww,
-        }
-    }
-
-    fn windows_per_image(&self) -> usize {
-        (self.hp / self.window[0]) * (self.wp / self.window[1])
-    }
+/// Windows per image and windows across for an `h x w` image padded to whole windows.
+fn window_counts(h: usize, w: usize, window: [usize; 2]) -> (usize, usize) {
+    let across = w.div_ceil(window[1]);
+    (h.div_ceil(window[0]) * across, across)
 }
 
 /// One copy for Swin's `roll(-shift)`, zero padding to whole windows and window partition:
@@ -198,13 +172,12 @@ impl WindowGrid {
 pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -> Tensor<3> {
     let device = x.device();
     let [b, h, w, c] = x.dims();
-    let grid = WindowGrid::new(h, w, c, window, shift);
     let [wh, ww] = window;
-    let (n, nw) = (wh * ww, grid.windows_per_image());
+    let n = wh * ww;
+    let (nw, windows_across) = window_counts(h, w, window);
     let data = x.into_data();
     let src = data.as_slice::<f32>().expect("checked f32");
     let mut out = vec![0f32; b * nw * n * c];
-    let windows_across = grid.wp / ww;
     let fill = |index: usize, dst: &mut [f32]| {
         let (image, wi) = (index / nw, index % nw);
         let (y0, x0) = ((wi / windows_across) * wh, (wi % windows_across) * ww);
@@ -249,11 +222,9 @@ pub fn image_from_windows(
 ) -> Tensor<4> {
     let device = windows.device();
     let [_, n, c] = windows.dims();
-    let grid = WindowGrid::new(h, w, c, window, shift);
     let [wh, ww] = window;
     assert_eq!(n, wh * ww, "windows of {n} tokens for a {wh}x{ww} window");
-    let nw = grid.windows_per_image();
-    let windows_across = grid.wp / ww;
+    let (nw, windows_across) = window_counts(h, w, window);
     let data = windows.into_data();
     let src = data.as_slice::<f32>().expect("checked f32");
     let mut out = vec![0f32; b * h * w * c];
@@ -279,7 +250,6 @@ pub fn image_from_windows(
             .enumerate()
             .for_each(|(i, d)| fill(i, d));
     }
-    debug_assert_eq!(grid.hp % wh, 0);
     Tensor::from_data(TensorData::new(out, [b, h, w, c]), &device)
 }
 
