@@ -198,15 +198,7 @@ pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -
             }
         }
     };
-    if out.len() < PARALLEL_COPY {
-        out.chunks_mut(n * c)
-            .enumerate()
-            .for_each(|(i, d)| fill(i, d));
-    } else {
-        out.par_chunks_mut(n * c)
-            .enumerate()
-            .for_each(|(i, d)| fill(i, d));
-    }
+    for_each_chunk(&mut out, n * c, PARALLEL_COPY, fill);
     Tensor::from_data(TensorData::new(out, [b * nw, n, c]), &device)
 }
 
@@ -241,20 +233,31 @@ pub fn image_from_windows(
             dst[ox * c..][..c].copy_from_slice(&src[from..from + c]);
         }
     };
-    if out.len() < PARALLEL_COPY {
-        out.chunks_mut(w * c)
-            .enumerate()
-            .for_each(|(i, d)| fill(i, d));
-    } else {
-        out.par_chunks_mut(w * c)
-            .enumerate()
-            .for_each(|(i, d)| fill(i, d));
-    }
+    for_each_chunk(&mut out, w * c, PARALLEL_COPY, fill);
     Tensor::from_data(TensorData::new(out, [b, h, w, c]), &device)
 }
 
 /// Copies over fewer elements run on the calling thread.
 const PARALLEL_COPY: usize = 1 << 16;
+
+/// `f(index, chunk)` over `chunk`-sized pieces of `data`, on the thread pool when `data` has at
+/// least `min_parallel` elements (smaller ones cost more to hand over than to do).
+pub(crate) fn for_each_chunk(
+    data: &mut [f32],
+    chunk: usize,
+    min_parallel: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if data.len() >= min_parallel && rayon::current_num_threads() > 1 {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
 
 struct AttentionShape {
     n: usize,

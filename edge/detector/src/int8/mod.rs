@@ -30,6 +30,7 @@ use burn::tensor::DType;
 use rayon::prelude::*;
 
 use crate::cpu::{self, KernelPath};
+use crate::kernels::for_each_chunk;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -503,7 +504,7 @@ impl Int8Conv {
         let input = data.as_slice::<f32>().expect("applies() checked f32");
         // NCHW -> NHWC, one image row per task.
         let mut nhwc_in = scratch(b * h * w * c);
-        for_each_chunk(&mut nhwc_in, w * c, |row, dst| {
+        for_each_chunk(&mut nhwc_in, w * c, PARALLEL_ELEMENTS, |row, dst| {
             let (bi, y) = (row / h, row % h);
             for ci in 0..c {
                 let src = &input[((bi * c + ci) * h + y) * w..((bi * c + ci) * h + y + 1) * w];
@@ -520,7 +521,7 @@ impl Int8Conv {
         } else {
             // im2col: each patch is kh * kw runs of c channels, zeros where it leaves the image.
             let mut cols = scratch(m * k);
-            for_each_chunk(&mut cols, wo * k, |row, chunk| {
+            for_each_chunk(&mut cols, wo * k, PARALLEL_ELEMENTS, |row, chunk| {
                 let (bi, y) = (row / ho, row % ho);
                 for (xo, patch) in chunk.chunks_mut(k).enumerate() {
                     for ky in 0..kh {
@@ -552,7 +553,7 @@ impl Int8Conv {
         recycle(cols);
         // NHWC -> NCHW, one output channel plane per task.
         let mut out = vec![0f32; b * n * ho * wo];
-        for_each_chunk(&mut out, ho * wo, |plane, dst| {
+        for_each_chunk(&mut out, ho * wo, PARALLEL_ELEMENTS, |plane, dst| {
             let (bi, o) = (plane / n, plane % n);
             for (p, d) in dst.iter_mut().enumerate() {
                 *d = nhwc[(bi * ho * wo + p) * n + o];
@@ -560,20 +561,6 @@ impl Int8Conv {
         });
         recycle(nhwc);
         Tensor::from_data(TensorData::new(out, [b, n, ho, wo]), &device)
-    }
-}
-
-/// `f(index, chunk)` over `chunk`-sized pieces of `data`, on the thread pool when `data` is
-/// large enough to pay for the hand-over.
-fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if data.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
-        data.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        data.chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
     }
 }
 
