@@ -15,4 +15,5 @@ pub mod models;
 pub mod pipeline;
 pub mod plc;
 pub mod serve;
+pub mod sim;
 pub mod verdicts;

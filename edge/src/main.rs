@@ -51,6 +51,9 @@ enum Command {
     },
     /// List the V4L2 cameras this machine has (index for `[source] kind = "camera"`).
     Cameras,
+    /// Simulate a fleet of devices on one MQTT broker (rollout tests and benchmarks): each
+    /// device runs the daemon's transfer code, with chunks in memory and no detector.
+    FleetSim(edge::sim::Args),
     /// Print a model file's config and parameter count.
     Info {
         /// A model file (SafeTensors) or a signed package (.edgepkg).
@@ -135,6 +138,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Cameras => list_cameras()?,
+        Command::FleetSim(args) => edge::sim::run(args)?,
         Command::Info { model } => {
             let mut bytes =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;

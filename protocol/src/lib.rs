@@ -5,9 +5,12 @@
 //! - [`messages`]: every payload, versioned; decoders refuse unknown versions and malformed
 //!   bytes with an error, never a panic;
 //! - [`package`]: the signed model package (manifest + ed25519 signature + weights) and keys;
+//! - [`device`]: the device side of a transfer (offer, chunks, resume, verification, reports),
+//!   shared by the edge daemon and the fleet simulator;
 //! - [`mqtt`] (feature `mqtt`, default): broker settings (TLS with client certificates, credentials) shared by both sides;
 //! - [`rollout`] (feature `mqtt`): the publisher — offer, chunks, missing-chunk repair, canary groups.
 
+pub mod device;
 #[cfg(all(test, feature = "mqtt"))]
 mod fuzz_seeds;
 pub mod messages;

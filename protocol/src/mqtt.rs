@@ -114,6 +114,20 @@ pub const MAX_PACKET: usize = crate::messages::MAX_JSON_BYTES + (16 << 10);
 /// Incoming messages a device holds while busy (see [`Connection::start_device`]).
 pub const DEVICE_QUEUE: usize = 64;
 
+/// Incoming messages a rollout publisher can hold (see [`Connection::start_publisher`]).
+pub const PUBLISHER_QUEUE: usize = 1 << 16;
+
+/// The wait before reconnect attempt `attempt` (0-based): 250 ms doubling up to 8 s, each drawn
+/// between half and all of that, so that a fleet whose broker restarted does not come back in
+/// one burst.
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    let ceiling = 250u64 << attempt.min(5);
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    let jitter = u64::from_le_bytes(r) % (ceiling / 2 + 1);
+    Duration::from_millis(ceiling / 2 + jitter)
+}
+
 /// An incoming message.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -133,7 +147,8 @@ pub enum AckEvent {
 }
 
 /// A running connection: the client to publish and subscribe with, the incoming messages, and a
-/// watch that tells whether the broker link is up (it reconnects by itself).
+/// watch that tells whether the broker link is up, with the subscriptions confirmed (it
+/// reconnects by itself).
 pub struct Connection {
     pub client: AsyncClient,
     pub incoming: mpsc::Receiver<Incoming>,
@@ -153,6 +168,13 @@ impl Connection {
     /// [`MAX_PACKET`]; beyond it the client stops reading and the broker holds the rest.
     pub fn start_device(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
         Self::start_inner(options, subscriptions, None, DEVICE_QUEUE)
+    }
+
+    /// [`Connection::start`] for a rollout publisher: a deep incoming queue (thousands of
+    /// devices' statuses and reports, a few hundred bytes each), so the event loop never waits
+    /// on the reader while the publisher is busy sending chunks.
+    pub fn start_publisher(options: MqttOptions, subscriptions: Vec<(String, QoS)>) -> Connection {
+        Self::start_inner(options, subscriptions, None, PUBLISHER_QUEUE)
     }
 
     /// Like [`Connection::start`], also reporting when publishes go out and are acknowledged.
@@ -216,6 +238,12 @@ impl Connection {
             .map_err(|e| ProtocolError::Mqtt(e.to_string()))
     }
 
+    /// Drops the connection without a DISCONNECT, as a device losing power would: the broker
+    /// notices the closed socket and sends the last will.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Disconnects cleanly (the broker does not send the last will).
     pub async fn close(self) {
         let _ = self.client.disconnect().await;
@@ -232,12 +260,17 @@ async fn drive(
     acks: Option<mpsc::UnboundedSender<AckEvent>>,
 ) {
     let mut logged_down = false;
+    let mut attempt = 0u32;
+    let mut awaiting_suback = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 // Subscribe again on every connection (a restarted broker without persistence
                 // forgot us). Not try_subscribe: with publishes queued during the outage the
                 // request channel can be full, and a dropped subscribe would leave us deaf.
+                // "Up" once the broker has confirmed the subscriptions: what the owner sends
+                // on connecting (a status, a report) may draw an answer at once.
+                awaiting_suback = !subscriptions.is_empty();
                 if !subscriptions.is_empty() {
                     let (client, subs) = (client.clone(), subscriptions.clone());
                     tokio::spawn(async move {
@@ -249,11 +282,18 @@ async fn drive(
                         }
                     });
                 }
-                let _ = up.send(true);
+                if !awaiting_suback {
+                    let _ = up.send(true);
+                }
+                attempt = 0;
                 if logged_down {
                     tracing::info!("mqtt: reconnected");
                 }
                 logged_down = false;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) if awaiting_suback => {
+                awaiting_suback = false;
+                let _ = up.send(true);
             }
             Ok(Event::Incoming(Packet::Publish(Publish {
                 topic,
@@ -299,7 +339,8 @@ async fn drive(
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(reconnect_delay(attempt)).await;
+                attempt = attempt.saturating_add(1);
             }
         }
     }

@@ -1,11 +1,21 @@
-//! The publishing side of a rollout: offer a signed package to a target, send its chunks, repair
-//! what devices report missing, wait for every device's verdict; with a canary group first, halt
-//! when a canary fails.
+//! The publishing side of a rollout, for one device or a fleet of thousands: devices learned from
+//! their retained statuses, split into waves; each wave offered (at a set rate), its chunks
+//! broadcast once on the transfer's topic to the devices receiving it, what one device misses
+//! repaired on that device's own topic, quiet devices probed one by one, and every device's
+//! verdict collected. The next wave starts when the previous one reached its success threshold;
+//! the rollout aborts when the failure rate passes the abort threshold. Devices offline at the
+//! start are served when their status says they are back. With a record file the publisher can
+//! be restarted and continue the same rollout.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::messages::{Chunk, Complete, Message, Offer, Report, ReportState, Status, from_ranges};
 use crate::mqtt::{BrokerConfig, Connection};
@@ -13,20 +23,67 @@ use crate::package::{Manifest, Package, VerifyingKey};
 use crate::topics::{DownKind, Target, Topics, UpKind};
 use crate::{ProtocolError, sha256_hex};
 
+/// One wave of a rollout plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Wave {
+    /// This percentage of the target's devices (spread by a hash of their ids).
+    Percent(f64),
+    /// The target's devices that this target also addresses (a canary group).
+    Target(Target),
+}
+
+impl std::str::FromStr for Wave {
+    type Err = ProtocolError;
+    /// `5%` or a target (`group:canary`, `device:cam1`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| {
+                ProtocolError::Invalid(format!("wave `{s}`: not a percentage like 5%"))
+            })?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(ProtocolError::Invalid(format!(
+                    "wave `{s}`: the percentage must be above 0 and at most 100"
+                )));
+            }
+            return Ok(Wave::Percent(p));
+        }
+        Ok(Wave::Target(s.parse()?))
+    }
+}
+
+/// Stop the rollout when this fraction of finished devices failed, once `min_finished` have.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Abort {
+    pub failure_fraction: f64,
+    pub min_finished: usize,
+}
+
 /// How a rollout runs.
 #[derive(Clone, Debug)]
 pub struct RolloutOptions {
     pub site: String,
     pub target: Target,
-    /// Sent to first; the rollout halts if any canary device does not activate the package.
-    pub canary: Option<Target>,
+    /// The plan; the target's devices that no wave names form a last wave. Empty: one wave.
+    pub waves: Vec<Wave>,
+    /// A wave is a success when this fraction of its finished devices activated; otherwise the
+    /// rollout halts before the next wave.
+    pub wave_success: f64,
+    /// Offers per minute at most (AWS IoT's `maximumPerMinute`); `None`: no limit.
+    pub max_per_minute: Option<u32>,
+    pub abort: Option<Abort>,
     pub chunk_size: usize,
-    /// Give up on devices that have not finished after this long (per stage).
+    /// The whole rollout: devices that never came online by then are reported as not served.
     pub timeout: Duration,
-    /// Probe devices that have said nothing for this long.
-    pub retry_after: Duration,
-    /// How long retained device statuses are collected to learn group membership.
+    /// A device that has not finished this long after its offer timed out (a failure).
+    pub device_timeout: Duration,
+    /// A device that has said nothing for this long while it should be receiving is asked where
+    /// it is (then at twice the interval, up to a minute).
+    pub probe_after: Duration,
+    /// Longest wait for the retained statuses that tell who is in the fleet.
     pub discovery: Duration,
+    /// Where the rollout is recorded; an existing record of the same package and target is
+    /// continued.
+    pub record: Option<PathBuf>,
 }
 
 impl RolloutOptions {
@@ -34,19 +91,25 @@ impl RolloutOptions {
         Self {
             site: site.to_string(),
             target,
-            canary: None,
+            waves: vec![],
+            wave_success: 1.0,
+            max_per_minute: None,
+            abort: None,
             chunk_size: 256 << 10,
             timeout: Duration::from_secs(600),
-            retry_after: Duration::from_secs(3),
-            discovery: Duration::from_millis(1500),
+            device_timeout: Duration::from_secs(600),
+            probe_after: Duration::from_secs(5),
+            discovery: Duration::from_secs(5),
+            record: None,
         }
     }
 }
 
 /// How one device ended.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceOutcome {
     pub device: String,
+    /// `None`: no final answer (never online, or timed out).
     pub state: Option<ReportState>,
     pub reason: Option<String>,
 }
@@ -57,107 +120,36 @@ impl DeviceOutcome {
     }
 }
 
-/// Result of one stage (canary or main).
+/// One wave's devices and how they ended.
 #[derive(Clone, Debug)]
-pub struct StageReport {
-    pub target: Target,
+pub struct WaveReport {
+    pub label: String,
     pub devices: Vec<DeviceOutcome>,
-    pub bytes_sent: u64,
-    pub chunks_sent: u64,
-    pub elapsed: Duration,
 }
 
-impl StageReport {
-    pub fn all_succeeded(&self) -> bool {
-        !self.devices.is_empty() && self.devices.iter().all(DeviceOutcome::succeeded)
-    }
-}
-
-/// Result of a rollout; `halted` when the canary stage failed and the main stage did not run.
+/// Result of a rollout.
 #[derive(Clone, Debug)]
 pub struct RolloutReport {
     pub version: u64,
-    pub stages: Vec<StageReport>,
-    pub halted: bool,
+    pub waves: Vec<WaveReport>,
+    /// Why the rollout stopped before its end (a wave under its success threshold, the abort
+    /// threshold); nothing was offered after.
+    pub halted: Option<String>,
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+    /// Bytes of chunks sent to one device on its own topic (repairs).
+    pub repair_bytes: u64,
+    pub elapsed: Duration,
 }
 
 impl RolloutReport {
     pub fn succeeded(&self) -> bool {
-        !self.halted && self.stages.iter().all(StageReport::all_succeeded)
+        self.halted.is_none()
+            && self
+                .waves
+                .iter()
+                .all(|w| w.devices.iter().all(DeviceOutcome::succeeded))
     }
-}
-
-/// Publishes `package` (verified first against `trusted`, when given) and waits for the devices.
-pub async fn rollout(
-    broker: &BrokerConfig,
-    package: &Package,
-    trusted: &[VerifyingKey],
-    options: &RolloutOptions,
-    progress: &(dyn Fn(&str) + Sync),
-) -> Result<RolloutReport, ProtocolError> {
-    let manifest = if trusted.is_empty() {
-        Manifest::from_json(&package.manifest_bytes)?
-    } else {
-        package.verify(trusted)?
-    };
-    let topics = Topics::new(&options.site)?;
-    let client_id = format!("publisher-{}-{}", std::process::id(), crate::unix_now());
-    let mut mqtt_options = broker.options(&client_id)?;
-    mqtt_options.set_clean_session(true);
-    let mut conn = Connection::start(
-        mqtt_options,
-        vec![
-            (topics.up_all(UpKind::Status), QoS::AtLeastOnce),
-            (topics.up_all(UpKind::Report), QoS::AtLeastOnce),
-        ],
-    );
-    conn.wait_connected(Duration::from_secs(15)).await?;
-
-    let mut fleet = Fleet::default();
-    let until = Instant::now() + options.discovery;
-    while let Ok(Some(msg)) = tokio::time::timeout_at(until.into(), conn.incoming.recv()).await {
-        fleet.observe(&topics, &msg.topic, &msg.payload);
-    }
-
-    let mut stages = Vec::new();
-    let mut halted = false;
-    let plan: Vec<Target> = options
-        .canary
-        .iter()
-        .cloned()
-        .chain(std::iter::once(options.target.clone()))
-        .collect();
-    for (i, target) in plan.iter().enumerate() {
-        let is_canary = options.canary.is_some() && i == 0;
-        let mut stage = send_stage(
-            &mut conn, &topics, &mut fleet, package, &manifest, target, options, progress,
-        )
-        .await?;
-        if is_canary {
-            // Devices done in the canary stage need nothing more.
-            fleet.done.extend(
-                stage
-                    .devices
-                    .iter()
-                    .filter(|d| d.succeeded())
-                    .map(|d| d.device.clone()),
-            );
-        }
-        stage.devices.sort_by(|a, b| a.device.cmp(&b.device));
-        let ok = stage.all_succeeded();
-        stages.push(stage);
-        if is_canary && !ok {
-            progress(&format!("canary {target} failed: rollout halted"));
-            halted = true;
-            break;
-        }
-    }
-    conn.close().await;
-    Ok(RolloutReport {
-        version: manifest.version,
-        stages,
-        halted,
-    })
 }
 
 /// The offer for `package` cut into `chunk_size` pieces (`package.weights.chunks(chunk_size)`).
@@ -178,279 +170,987 @@ pub fn offer_for(
     })
 }
 
-/// What the publisher knows about devices from their retained statuses.
-#[derive(Default)]
-struct Fleet {
-    status: BTreeMap<String, Status>,
-    reports: Vec<Report>,
-    /// Devices already served (canary stage).
-    done: BTreeSet<String>,
+/// Where a device is in the rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Phase {
+    /// Not offered yet (its wave has not started, the rate limit, or it is offline).
+    Waiting,
+    Offered,
+    Receiving,
+    Done,
 }
 
-impl Fleet {
-    fn observe(&mut self, topics: &Topics, topic: &str, payload: &[u8]) {
-        let Some((_, device, kind)) = topics.parse_up(topic) else {
-            return;
-        };
-        match kind {
-            UpKind::Status => match Status::decode(payload) {
-                Ok(s) => {
-                    self.status.insert(device.to_string(), s);
+struct Dev {
+    online: bool,
+    phase: Phase,
+    outcome: Option<DeviceOutcome>,
+    offered_at: Option<Instant>,
+    last_heard: Instant,
+    next_probe: Instant,
+    probe_every: Duration,
+    /// Chunks the device said it misses that no queued send covers yet.
+    missing: BTreeSet<u32>,
+    /// Whether it listens on the transfer's topic: it answered an offer (it subscribes before
+    /// answering) and has not reconnected since (it does not subscribe again then).
+    subscribed: bool,
+    /// Chunks sent to it on its own topic: queue position and when.
+    sent: HashMap<u32, (u64, Instant)>,
+    /// Queue position of the last send meant for it (chunks or probe).
+    last_send: u64,
+}
+
+/// The durable part of a rollout (`RolloutOptions::record`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    transfer: String,
+    target: String,
+    waves: Vec<Vec<String>>,
+    wave: usize,
+    halted: Option<String>,
+    finished: BTreeMap<String, DeviceOutcome>,
+}
+
+/// What the send task publishes, in order.
+enum Job {
+    Chunk { topic: String, index: u32 },
+    Message { topic: String, payload: Vec<u8> },
+}
+
+/// Publishes jobs in order; `done` counts the jobs handed to the client.
+struct Sender {
+    tx: mpsc::UnboundedSender<Job>,
+    queued: u64,
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    chunks: Arc<AtomicU64>,
+}
+
+impl Sender {
+    fn start(conn: &Connection, pieces: Arc<Vec<Vec<u8>>>, transfer: [u8; 32]) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let chunks = Arc::new(AtomicU64::new(0));
+        let client = conn.client.clone();
+        let (d, s, b, c) = (done.clone(), stop.clone(), bytes.clone(), chunks.clone());
+        tokio::spawn(async move {
+            let count = pieces.len() as u32;
+            while let Some(job) = rx.recv().await {
+                if !s.load(Ordering::Relaxed) {
+                    let (topic, payload) = match job {
+                        Job::Chunk { topic, index } => {
+                            let data = &pieces[index as usize];
+                            b.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            c.fetch_add(1, Ordering::Relaxed);
+                            let frame = Chunk {
+                                transfer,
+                                index,
+                                count,
+                                data,
+                            }
+                            .encode();
+                            (topic, frame)
+                        }
+                        Job::Message { topic, payload } => (topic, payload),
+                    };
+                    if client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
-                Err(e) => tracing::warn!("status from {device}: {e}"),
-            },
-            UpKind::Report => match Report::decode(payload) {
-                Ok(r) if r.device == device => self.reports.push(r),
-                Ok(r) => tracing::warn!(
-                    "report on {device}'s topic claims to come from {}: ignored",
-                    r.device
-                ),
-                Err(e) => tracing::warn!("report from {device}: {e}"),
-            },
-            UpKind::Verdict => {}
+                d.fetch_add(1, Ordering::Release);
+            }
+        });
+        Self {
+            tx,
+            queued: 0,
+            done,
+            stop,
+            bytes,
+            chunks,
         }
     }
 
-    /// Devices a target addresses, as far as their statuses tell.
-    fn members(&self, target: &Target) -> BTreeSet<String> {
-        match target {
-            Target::Device(id) => [id.clone()].into(),
-            _ => self
-                .status
-                .values()
-                .filter(|s| s.online && target.includes(&s.device, &s.groups))
-                .map(|s| s.device.clone())
-                .collect(),
-        }
+    /// Queues a job; returns its position (done once `done() > position`).
+    fn push(&mut self, job: Job) -> u64 {
+        let _ = self.tx.send(job);
+        self.queued += 1;
+        self.queued - 1
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn idle(&self) -> bool {
+        self.done() >= self.queued
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn send_stage(
-    conn: &mut Connection,
-    topics: &Topics,
-    fleet: &mut Fleet,
+/// Publishes `package` (verified first against `trusted`, when given) and runs the rollout.
+pub async fn rollout(
+    broker: &BrokerConfig,
     package: &Package,
-    manifest: &Manifest,
-    target: &Target,
+    trusted: &[VerifyingKey],
     options: &RolloutOptions,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<StageReport, ProtocolError> {
+) -> Result<RolloutReport, ProtocolError> {
     let start = Instant::now();
-    let members: BTreeSet<String> = fleet
-        .members(target)
-        .difference(&fleet.done)
-        .cloned()
-        .collect();
-    if members.is_empty() {
-        return Err(ProtocolError::Invalid(format!(
-            "no online device reported itself in {target}"
-        )));
-    }
+    let manifest = if trusted.is_empty() {
+        Manifest::from_json(&package.manifest_bytes)?
+    } else {
+        package.verify(trusted)?
+    };
+    let topics = Topics::new(&options.site)?;
     let chunk_size = options
         .chunk_size
         .clamp(crate::messages::MIN_CHUNK, crate::messages::MAX_CHUNK);
-    let pieces: Vec<&[u8]> = package.weights.chunks(chunk_size).collect();
-    let count = pieces.len() as u32;
-    let offer = offer_for(package, target, chunk_size)?;
-    let transfer_hex = offer.transfer.clone();
-    let transfer = crate::messages::transfer_id(&transfer_hex)?;
-    progress(&format!(
-        "{target}: offering {} v{} ({} bytes in {count} chunks) to {} device(s): {}",
-        manifest.id,
-        manifest.version,
-        package.weights.len(),
-        members.len(),
-        members.iter().cloned().collect::<Vec<_>>().join(", ")
-    ));
+    let client_id = format!("publisher-{}-{}", std::process::id(), crate::unix_now_ms());
+    let mut mqtt_options = broker.options(&client_id)?;
+    mqtt_options.set_clean_session(true);
+    let mut conn = Connection::start_publisher(
+        mqtt_options,
+        vec![
+            (topics.up_all(UpKind::Status), QoS::AtLeastOnce),
+            (topics.up_all(UpKind::Report), QoS::AtLeastOnce),
+        ],
+    );
+    conn.wait_connected(Duration::from_secs(15)).await?;
 
-    let mut st = StageState::default();
-    let mut bytes_sent = 0u64;
-    let mut chunks_sent = 0u64;
-    let chunk_topic = topics.down(target, DownKind::Chunk);
-    let complete = Complete {
-        transfer: transfer_hex.clone(),
-        chunks: count,
-    };
-
-    conn.publish(topics.down(target, DownKind::Offer), offer.encode(), false)
-        .await?;
-    // Devices answer an offer with what they miss: a resumed transfer sends only that.
-    let first_wait = Instant::now() + options.retry_after;
-    while st.wanted.len() + st.outcome.len() < members.len() {
-        match tokio::time::timeout_at(first_wait.into(), conn.incoming.recv()).await {
+    // Who is there: retained statuses arrive at once after the subscription; stop listening
+    // when they stop coming.
+    let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
+    let mut early_reports = vec![];
+    let until = Instant::now() + options.discovery;
+    let mut quiet = Duration::from_millis(1000);
+    loop {
+        let wake = (Instant::now() + quiet).min(until);
+        match tokio::time::timeout_at(wake.into(), conn.incoming.recv()).await {
             Ok(Some(msg)) => {
-                fleet.observe(topics, &msg.topic, &msg.payload);
-                st.absorb(fleet, &transfer_hex, &members, count);
+                match topics.parse_up(&msg.topic) {
+                    Some((_, device, UpKind::Status)) => match Status::decode(&msg.payload) {
+                        Ok(s) if s.device == device => {
+                            statuses.insert(device.to_string(), s);
+                        }
+                        Ok(_) => tracing::warn!("{}: status names another device", msg.topic),
+                        Err(e) => tracing::warn!("{}: {e}", msg.topic),
+                    },
+                    Some((_, _, UpKind::Report)) => early_reports.push(msg),
+                    _ => {}
+                }
+                quiet = Duration::from_millis(300);
             }
             Ok(None) => return Err(ProtocolError::Mqtt("connection closed".into())),
             Err(_) => break,
         }
     }
-    let mut to_send: BTreeSet<u32> = if st.wanted.len() + st.outcome.len() == members.len() {
-        st.wanted.values().flatten().copied().collect()
-    } else {
-        (0..count).collect()
-    };
-    let mut last_sent: HashMap<u32, Instant> = HashMap::new();
-    let mut last_offer = Instant::now();
-    let deadline = start + options.timeout;
-    loop {
-        if !to_send.is_empty() {
-            let n = to_send.len();
-            for index in std::mem::take(&mut to_send) {
-                let data = pieces[index as usize];
-                let frame = Chunk {
-                    transfer,
-                    index,
-                    count,
-                    data,
-                }
-                .encode();
-                bytes_sent += data.len() as u64;
-                chunks_sent += 1;
-                last_sent.insert(index, Instant::now());
-                conn.publish(chunk_topic.clone(), frame, false).await?;
+
+    let offer = offer_for(package, &options.target, chunk_size)?;
+    let transfer_hex = offer.transfer.clone();
+    let transfer = crate::messages::transfer_id(&transfer_hex)?;
+    let count = offer.chunks.len() as u32;
+
+    // The plan: from the record when it is this rollout's, else from the statuses.
+    let previous = match &options.record {
+        Some(path) if path.exists() => {
+            let text = std::fs::read_to_string(path).map_err(|e| ProtocolError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            let record: Record = serde_json::from_str(&text).map_err(|e| {
+                ProtocolError::Invalid(format!("rollout record {}: {e}", path.display()))
+            })?;
+            if record.transfer != transfer_hex || record.target != options.target.to_string() {
+                return Err(ProtocolError::Invalid(format!(
+                    "rollout record {} is of another rollout (transfer {}, target {}): \
+                     remove it or name another --record",
+                    path.display(),
+                    &record.transfer[..16.min(record.transfer.len())],
+                    record.target
+                )));
             }
-            conn.publish(
-                topics.down(target, DownKind::Complete),
-                complete.encode(),
-                false,
-            )
-            .await?;
-            progress(&format!("{target}: sent {n} chunk(s)"));
+            Some(record)
         }
-        if members.iter().all(|m| st.outcome.contains_key(m)) {
-            break;
+        _ => None,
+    };
+    let mut record = match previous {
+        Some(r) => {
+            progress(&format!(
+                "continuing the recorded rollout: wave {}/{}, {} device(s) finished",
+                r.wave + 1,
+                r.waves.len(),
+                r.finished.len()
+            ));
+            r
+        }
+        None => {
+            let members: Vec<String> = match &options.target {
+                Target::Device(id) => vec![id.clone()],
+                t => statuses
+                    .values()
+                    .filter(|s| t.includes(&s.device, &s.groups))
+                    .map(|s| s.device.clone())
+                    .collect(),
+            };
+            if members.is_empty() {
+                return Err(ProtocolError::Invalid(format!(
+                    "no device reported itself in {}",
+                    options.target
+                )));
+            }
+            Record {
+                transfer: transfer_hex.clone(),
+                target: options.target.to_string(),
+                waves: plan_waves(&members, &options.waves, &statuses),
+                wave: 0,
+                halted: None,
+                finished: BTreeMap::new(),
+            }
+        }
+    };
+    let wave_labels = wave_labels(&options.waves, record.waves.len());
+
+    let now = Instant::now();
+    let mut devs: HashMap<String, Dev> = HashMap::new();
+    for ids in record.waves.iter() {
+        for id in ids {
+            let outcome = record.finished.get(id).cloned();
+            devs.insert(
+                id.clone(),
+                Dev {
+                    // A device addressed by id without a status yet is tried at once.
+                    online: statuses.get(id).is_none_or(|s| s.online),
+                    phase: if outcome.is_some() {
+                        Phase::Done
+                    } else {
+                        Phase::Waiting
+                    },
+                    outcome,
+                    offered_at: None,
+                    last_heard: now,
+                    next_probe: now,
+                    probe_every: options.probe_after,
+                    missing: BTreeSet::new(),
+                    subscribed: false,
+                    sent: HashMap::new(),
+                    last_send: 0,
+                },
+            );
+        }
+    }
+    progress(&format!(
+        "rolling out {} v{} ({} bytes in {count} chunks of {} KiB) to {} device(s) of {} in {} wave(s): {}",
+        manifest.id,
+        manifest.version,
+        package.weights.len(),
+        chunk_size >> 10,
+        devs.len(),
+        options.target,
+        record.waves.len(),
+        record
+            .waves
+            .iter()
+            .zip(&wave_labels)
+            .map(|(w, l)| format!("{l} {}", w.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let pieces: Arc<Vec<Vec<u8>>> = Arc::new(
+        package
+            .weights
+            .chunks(chunk_size)
+            .map(<[u8]>::to_vec)
+            .collect(),
+    );
+    let mut sender = Sender::start(&conn, pieces.clone(), transfer);
+    let chunk_topic = topics.transfer(&transfer_hex, DownKind::Chunk);
+    let complete = Complete {
+        transfer: transfer_hex.clone(),
+        chunks: count,
+    }
+    .encode();
+    let offer_bytes = |id: &str| {
+        let mut o = offer.clone();
+        o.target = Target::Device(id.to_string());
+        o.encode()
+    };
+
+    // The broadcast under way: chunk index -> queue position.
+    let mut round: HashMap<u32, u64> = HashMap::new();
+    // Devices that answered their offer and wait for a broadcast, since when.
+    let mut gather_since: Option<Instant> = None;
+    let mut last_answer = Instant::now();
+    let mut tokens = options
+        .max_per_minute
+        .map(|m| (m.max(1) as f64 / 60.0).max(1.0));
+    let mut last_refill = Instant::now();
+    let mut repair_bytes = 0u64;
+    let mut record_dirty = true;
+    let mut record_saved = Instant::now() - Duration::from_secs(10);
+    let mut wave_announced: Option<usize> = None;
+    let deadline = start + options.timeout;
+
+    for msg in early_reports {
+        take_in(
+            &topics,
+            &msg.topic,
+            &msg.payload,
+            &transfer_hex,
+            count,
+            &mut devs,
+            &mut record,
+            progress,
+        );
+    }
+
+    loop {
+        // 1. What came in.
+        while let Ok(msg) = conn.incoming.try_recv() {
+            match take_in(
+                &topics,
+                &msg.topic,
+                &msg.payload,
+                &transfer_hex,
+                count,
+                &mut devs,
+                &mut record,
+                progress,
+            ) {
+                Absorbed::Finished => record_dirty = true,
+                Absorbed::Answered => last_answer = Instant::now(),
+                Absorbed::Nothing => {}
+            }
         }
         let now = Instant::now();
-        if now >= deadline {
+
+        // 2. Timeouts, abort.
+        for (id, d) in devs.iter_mut() {
+            if matches!(d.phase, Phase::Offered | Phase::Receiving)
+                && d.offered_at
+                    .is_some_and(|t| now.duration_since(t) >= options.device_timeout)
+            {
+                let o = DeviceOutcome {
+                    device: id.clone(),
+                    state: None,
+                    reason: Some(format!(
+                        "timed out: no final report {} s after the offer",
+                        options.device_timeout.as_secs()
+                    )),
+                };
+                progress(&format!("{id}: timed out"));
+                record.finished.insert(id.clone(), o.clone());
+                d.outcome = Some(o);
+                d.phase = Phase::Done;
+                record_dirty = true;
+            }
+        }
+        if record.halted.is_none()
+            && let Some(abort) = options.abort
+        {
+            let finished = record.finished.len();
+            let failed = record.finished.values().filter(|o| !o.succeeded()).count();
+            if finished >= abort.min_finished.max(1)
+                && failed as f64 >= abort.failure_fraction * finished as f64
+            {
+                record.halted = Some(format!(
+                    "aborted: {failed} of {finished} finished device(s) failed, the threshold is {:.0}% after {}",
+                    abort.failure_fraction * 100.0,
+                    abort.min_finished
+                ));
+            }
+        }
+
+        // 3. Waves.
+        if record.halted.is_none() {
+            while record.wave < record.waves.len() {
+                let members = &record.waves[record.wave];
+                let settled = members.iter().all(|id| {
+                    let d = &devs[id];
+                    d.phase == Phase::Done || (d.phase == Phase::Waiting && !d.online)
+                });
+                if !settled {
+                    break;
+                }
+                let finished: Vec<&DeviceOutcome> = members
+                    .iter()
+                    .filter_map(|id| devs[id].outcome.as_ref())
+                    .collect();
+                let ok = finished.iter().filter(|o| o.succeeded()).count();
+                if !finished.is_empty()
+                    && (ok as f64) < options.wave_success * finished.len() as f64
+                {
+                    record.halted = Some(format!(
+                        "{} reached {ok} of {} activated, under the {:.0}% success threshold",
+                        wave_labels[record.wave],
+                        finished.len(),
+                        options.wave_success * 100.0
+                    ));
+                    break;
+                }
+                if record.wave + 1 == record.waves.len() {
+                    break;
+                }
+                progress(&format!(
+                    "{}: {ok} of {} activated{}",
+                    wave_labels[record.wave],
+                    finished.len(),
+                    match members.len() - finished.len() {
+                        0 => String::new(),
+                        n => format!(", {n} offline (served when back)"),
+                    }
+                ));
+                record.wave += 1;
+                record_dirty = true;
+            }
+        }
+        if let Some(why) = &record.halted {
+            sender.stop.store(true, Ordering::Relaxed);
+            progress(&format!("rollout halted: {why}"));
             break;
         }
-        let wake = (now + options.retry_after).min(deadline);
-        match tokio::time::timeout_at(wake.into(), conn.incoming.recv()).await {
-            Ok(Some(msg)) => {
-                fleet.observe(topics, &msg.topic, &msg.payload);
-                let before: BTreeSet<String> = st.outcome.keys().cloned().collect();
-                st.absorb(fleet, &transfer_hex, &members, count);
-                for o in st.outcome.values().filter(|o| !before.contains(&o.device)) {
-                    progress(&format!(
-                        "{}: {:?}{}",
-                        o.device,
-                        o.state.unwrap_or(ReportState::Receiving),
-                        o.reason
-                            .as_ref()
-                            .map(|r| format!(" ({r})"))
-                            .unwrap_or_default()
+        if wave_announced != Some(record.wave) {
+            wave_announced = Some(record.wave);
+            let ids = &record.waves[record.wave];
+            progress(&format!(
+                "{}: offering to {} device(s): {}",
+                wave_labels[record.wave],
+                ids.len(),
+                preview(ids)
+            ));
+        }
+
+        // 4. Offers: devices of open waves, online, within the rate limit.
+        if let Some(t) = tokens.as_mut() {
+            let per_s = options.max_per_minute.unwrap_or(60) as f64 / 60.0;
+            *t = (*t + per_s * now.duration_since(last_refill).as_secs_f64()).min(per_s.max(1.0));
+            last_refill = now;
+        }
+        let mut offered = 0;
+        for w in 0..=record.wave {
+            for id in &record.waves[w] {
+                let d = devs.get_mut(id).expect("planned");
+                if d.phase != Phase::Waiting || !d.online {
+                    continue;
+                }
+                if let Some(t) = tokens.as_mut() {
+                    if *t < 1.0 {
+                        break;
+                    }
+                    *t -= 1.0;
+                }
+                d.last_send = sender.push(Job::Message {
+                    topic: topics.down(&Target::Device(id.clone()), DownKind::Offer),
+                    payload: offer_bytes(id),
+                });
+                d.phase = Phase::Offered;
+                d.offered_at.get_or_insert(now);
+                d.last_heard = now;
+                d.next_probe = now + options.probe_after;
+                d.probe_every = options.probe_after;
+                offered += 1;
+            }
+        }
+        if offered > 0 {
+            record_dirty = true;
+        }
+
+        // 5. Chunks: one broadcast for devices that answered together, repairs one by one.
+        let done = sender.done();
+        round.retain(|_, pos| *pos >= done);
+        let mut waiting: Vec<String> = vec![];
+        for (id, d) in devs.iter_mut() {
+            if d.phase != Phase::Receiving || d.missing.is_empty() {
+                continue;
+            }
+            // What the broadcast under way still carries comes from there (to a subscriber);
+            // what was just sent to it on its own topic is on its way.
+            let subscribed = d.subscribed;
+            let sent = &d.sent;
+            d.missing.retain(|i| {
+                !(subscribed && round.contains_key(i))
+                    && !sent.get(i).is_some_and(|(pos, at)| {
+                        *pos >= done || now.duration_since(*at) < Duration::from_secs(1)
+                    })
+            });
+            if !d.missing.is_empty() {
+                waiting.push(id.clone());
+            }
+        }
+        if !waiting.is_empty() {
+            let mut continue_gathering = false;
+            let since = *gather_since.get_or_insert(now);
+            let answered_all = devs
+                .values()
+                .all(|d| d.phase != Phase::Offered || !d.online);
+            // Answers to a wave's offers come over a second or two: wait until they stop coming
+            // (or all are in) so that one broadcast serves them.
+            let gathered = answered_all
+                || now.duration_since(last_answer) >= Duration::from_millis(300)
+                || now.duration_since(since) >= Duration::from_secs(3);
+            // Only devices on the transfer's topic can share a broadcast.
+            let listening = waiting.iter().filter(|id| devs[*id].subscribed).count();
+            if round.is_empty() && gathered && listening >= 2 {
+                let (listening, alone): (Vec<String>, Vec<String>) =
+                    waiting.into_iter().partition(|id| devs[id].subscribed);
+                waiting = listening;
+                repair(
+                    &mut devs,
+                    alone,
+                    &pieces,
+                    &topics,
+                    &mut sender,
+                    &mut repair_bytes,
+                    now,
+                );
+                let mut union = BTreeSet::new();
+                for id in &waiting {
+                    union.extend(std::mem::take(
+                        &mut devs.get_mut(id).expect("listed").missing,
                     ));
                 }
-                if std::mem::take(&mut st.need_offer)
-                    && last_offer.elapsed() >= options.retry_after / 2
-                {
-                    last_offer = Instant::now();
-                    conn.publish(topics.down(target, DownKind::Offer), offer.encode(), false)
-                        .await?;
+                for &index in &union {
+                    round.insert(
+                        index,
+                        sender.push(Job::Chunk {
+                            topic: chunk_topic.clone(),
+                            index,
+                        }),
+                    );
                 }
-                // Repair: resend what devices still miss, unless just sent.
-                let now = Instant::now();
-                for set in st.wanted.values_mut() {
-                    for &i in set.iter() {
-                        let recent = last_sent
-                            .get(&i)
-                            .is_some_and(|t| now.duration_since(*t) < options.retry_after / 2);
-                        if !recent {
-                            to_send.insert(i);
-                        }
-                    }
-                    set.clear();
-                }
-            }
-            Ok(None) => return Err(ProtocolError::Mqtt("connection closed".into())),
-            Err(_) => {
-                // Quiet devices get a probe; they answer with their state.
-                let now = Instant::now();
-                let quiet = members.iter().any(|m| {
-                    !st.outcome.contains_key(m)
-                        && st
-                            .last_heard
-                            .get(m)
-                            .is_none_or(|t| now.duration_since(*t) >= options.retry_after)
+                let end = sender.push(Job::Message {
+                    topic: topics.transfer(&transfer_hex, DownKind::Complete),
+                    payload: complete.clone(),
                 });
-                if quiet {
-                    conn.publish(
-                        topics.down(target, DownKind::Complete),
-                        complete.encode(),
-                        false,
-                    )
-                    .await?;
+                for id in &waiting {
+                    let d = devs.get_mut(id).expect("listed");
+                    d.last_send = end;
+                    d.next_probe = now + d.probe_every;
                 }
+            } else if !round.is_empty() || gathered {
+                // One device, or late for the broadcast under way: its own topic.
+                repair(
+                    &mut devs,
+                    waiting,
+                    &pieces,
+                    &topics,
+                    &mut sender,
+                    &mut repair_bytes,
+                    now,
+                );
+            } else {
+                // Devices that do not listen on the transfer's topic need not wait.
+                let alone: Vec<String> = waiting
+                    .into_iter()
+                    .filter(|id| !devs[id].subscribed)
+                    .collect();
+                repair(
+                    &mut devs,
+                    alone,
+                    &pieces,
+                    &topics,
+                    &mut sender,
+                    &mut repair_bytes,
+                    now,
+                );
+                continue_gathering = true;
+            }
+            if !continue_gathering {
+                gather_since = None;
+            }
+        } else {
+            gather_since = None;
+        }
+
+        // 6. Probes: a device quiet after everything meant for it went out.
+        for (id, d) in devs.iter_mut() {
+            if !matches!(d.phase, Phase::Offered | Phase::Receiving)
+                || !d.online
+                || d.last_send >= done
+                || now < d.next_probe
+                || now.duration_since(d.last_heard) < d.probe_every
+            {
+                continue;
+            }
+            let device = Target::Device(id.clone());
+            d.last_send = if d.phase == Phase::Offered {
+                sender.push(Job::Message {
+                    topic: topics.down(&device, DownKind::Offer),
+                    payload: offer_bytes(id),
+                })
+            } else {
+                sender.push(Job::Message {
+                    topic: topics.down(&device, DownKind::Complete),
+                    payload: complete.clone(),
+                })
+            };
+            d.probe_every = (d.probe_every * 2).min(Duration::from_secs(60));
+            d.next_probe = now + d.probe_every;
+        }
+
+        // 7. The record; the end.
+        if record_dirty && (record_saved.elapsed() >= Duration::from_secs(1)) {
+            save_record(options, &record);
+            record_dirty = false;
+            record_saved = Instant::now();
+        }
+        let all_done = devs.values().all(|d| d.phase == Phase::Done);
+        let last_wave = record.wave + 1 == record.waves.len();
+        if all_done && last_wave {
+            break;
+        }
+        if now >= deadline {
+            progress(&format!(
+                "rollout timeout ({} s) reached",
+                options.timeout.as_secs()
+            ));
+            break;
+        }
+        let tick = if sender.idle() { 100 } else { 20 };
+        if let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(tick), conn.incoming.recv()).await
+        {
+            match take_in(
+                &topics,
+                &msg.topic,
+                &msg.payload,
+                &transfer_hex,
+                count,
+                &mut devs,
+                &mut record,
+                progress,
+            ) {
+                Absorbed::Finished => record_dirty = true,
+                Absorbed::Answered => last_answer = Instant::now(),
+                Absorbed::Nothing => {}
             }
         }
     }
-    let devices = members
+    // Let what is queued go out (nothing after a halt).
+    let flush_until = Instant::now() + Duration::from_secs(10);
+    while !sender.idle() && Instant::now() < flush_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    save_record(options, &record);
+    let waves = record
+        .waves
         .iter()
-        .map(|m| {
-            st.outcome.get(m).cloned().unwrap_or(DeviceOutcome {
-                device: m.clone(),
-                state: None,
-                reason: Some(format!("no final report within {:?}", options.timeout)),
-            })
+        .zip(&wave_labels)
+        .map(|(ids, label)| WaveReport {
+            label: label.clone(),
+            devices: ids
+                .iter()
+                .map(|id| {
+                    let d = &devs[id];
+                    d.outcome.clone().unwrap_or_else(|| DeviceOutcome {
+                        device: id.clone(),
+                        state: None,
+                        reason: Some(match (d.phase, d.online) {
+                            (Phase::Waiting, false) => "offline: not served".into(),
+                            (Phase::Waiting, true) => {
+                                "not offered (the rollout stopped first)".into()
+                            }
+                            _ => "no final report".into(),
+                        }),
+                    })
+                })
+                .collect(),
         })
         .collect();
-    Ok(StageReport {
-        target: target.clone(),
-        devices,
-        bytes_sent,
-        chunks_sent,
+    let report = RolloutReport {
+        version: manifest.version,
+        waves,
+        halted: record.halted.clone(),
+        bytes_sent: sender.bytes.load(Ordering::Relaxed),
+        chunks_sent: sender.chunks.load(Ordering::Relaxed),
+        repair_bytes,
         elapsed: start.elapsed(),
-    })
+    };
+    conn.close().await;
+    Ok(report)
 }
 
-/// What the publisher knows of each device during one stage.
-#[derive(Default)]
-struct StageState {
-    /// Devices that gave a final report.
-    outcome: HashMap<String, DeviceOutcome>,
-    /// Chunks each device still misses (as last reported).
-    wanted: HashMap<String, BTreeSet<u32>>,
-    last_heard: HashMap<String, Instant>,
-    /// Some device heard a probe but never got the offer.
-    need_offer: bool,
+/// Sends each device what it misses on its own topic.
+fn repair(
+    devs: &mut HashMap<String, Dev>,
+    ids: Vec<String>,
+    pieces: &[Vec<u8>],
+    topics: &Topics,
+    sender: &mut Sender,
+    repair_bytes: &mut u64,
+    now: Instant,
+) {
+    for id in ids {
+        let d = devs.get_mut(&id).expect("listed");
+        let device = Target::Device(id.clone());
+        for index in std::mem::take(&mut d.missing) {
+            *repair_bytes += pieces[index as usize].len() as u64;
+            let pos = sender.push(Job::Chunk {
+                topic: topics.down(&device, DownKind::Chunk),
+                index,
+            });
+            d.sent.insert(index, (pos, now));
+            d.last_send = pos;
+        }
+        // No "complete" after a repair: the device finishes on its last chunk, and a probe
+        // follows if it stays quiet.
+        d.next_probe = now + d.probe_every;
+    }
 }
 
-impl StageState {
-    /// Folds new reports about this transfer into the per-device state.
-    fn absorb(
-        &mut self,
-        fleet: &mut Fleet,
-        transfer: &str,
-        members: &BTreeSet<String>,
-        count: u32,
-    ) {
-        for report in fleet.reports.drain(..) {
-            if report.transfer.as_deref() != Some(transfer) || !members.contains(&report.device) {
-                continue;
+/// What a message changed.
+enum Absorbed {
+    Nothing,
+    /// A device answered its offer (or said again what it misses).
+    Answered,
+    /// A device finished.
+    Finished,
+}
+
+/// Folds a status or a report into the device's state.
+#[allow(clippy::too_many_arguments)]
+fn take_in(
+    topics: &Topics,
+    topic: &str,
+    payload: &[u8],
+    transfer: &str,
+    count: u32,
+    devs: &mut HashMap<String, Dev>,
+    record: &mut Record,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Absorbed {
+    let Some((_, device, kind)) = topics.parse_up(topic) else {
+        return Absorbed::Nothing;
+    };
+    if kind == UpKind::Status {
+        if let (Ok(s), Some(d)) = (Status::decode(payload), devs.get_mut(device)) {
+            let was = d.online;
+            d.online = s.online;
+            if d.phase == Phase::Receiving {
+                // Gone, or (re)connected: either way no longer on the transfer's topic.
+                d.subscribed = false;
             }
-            self.last_heard
-                .insert(report.device.clone(), Instant::now());
-            if report.state == ReportState::NeedOffer {
-                self.need_offer = true;
-            } else if report.state.is_final() {
-                self.outcome.insert(
-                    report.device.clone(),
-                    DeviceOutcome {
-                        device: report.device.clone(),
-                        state: Some(report.state),
-                        reason: report.reason.clone(),
-                    },
-                );
-                self.wanted.remove(&report.device);
-            } else if !self.outcome.contains_key(&report.device) {
-                self.wanted
-                    .entry(report.device.clone())
-                    .or_default()
-                    .extend(from_ranges(&report.missing, count));
+            if s.online && !was && d.phase == Phase::Offered {
+                // Back before it answered its offer: offer again at once.
+                d.phase = Phase::Waiting;
             }
         }
+        return Absorbed::Nothing;
+    }
+    if kind != UpKind::Report {
+        return Absorbed::Nothing;
+    }
+    let report = match Report::decode(payload) {
+        Ok(r) if r.device == device => r,
+        Ok(r) => {
+            tracing::warn!(
+                "report on {device}'s topic claims to come from {}: ignored",
+                r.device
+            );
+            return Absorbed::Nothing;
+        }
+        Err(e) => {
+            tracing::warn!("report from {device}: {e}");
+            return Absorbed::Nothing;
+        }
+    };
+    if report.transfer.as_deref() != Some(transfer) {
+        return Absorbed::Nothing;
+    }
+    let Some(d) = devs.get_mut(device) else {
+        return Absorbed::Nothing;
+    };
+    if d.phase == Phase::Done {
+        return Absorbed::Nothing;
+    }
+    let now = Instant::now();
+    d.last_heard = now;
+    match report.state {
+        ReportState::NeedOffer => {
+            d.phase = Phase::Waiting;
+            Absorbed::Nothing
+        }
+        s if s.is_final() => {
+            let o = DeviceOutcome {
+                device: device.to_string(),
+                state: Some(s),
+                reason: report.reason.clone(),
+            };
+            progress(&format!(
+                "{device}: {}{}",
+                format!("{s:?}").to_lowercase(),
+                o.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+            record.finished.insert(device.to_string(), o.clone());
+            d.outcome = Some(o);
+            d.phase = Phase::Done;
+            d.missing.clear();
+            Absorbed::Finished
+        }
+        ReportState::Staged => Absorbed::Nothing,
+        _ => {
+            if d.phase == Phase::Offered {
+                d.subscribed = true;
+            }
+            d.phase = Phase::Receiving;
+            d.offered_at.get_or_insert(now);
+            d.missing.extend(from_ranges(&report.missing, count));
+            d.next_probe = now + d.probe_every;
+            Absorbed::Answered
+        }
+    }
+}
+
+/// Splits the target's devices into waves.
+fn plan_waves(
+    members: &[String],
+    waves: &[Wave],
+    statuses: &BTreeMap<String, Status>,
+) -> Vec<Vec<String>> {
+    // Percent waves take devices in the order of a hash of their ids: spread over lines and
+    // sites, the same on every run.
+    let mut order: Vec<&String> = members.iter().collect();
+    order.sort_by_key(|id| sha256_hex(id.as_bytes()));
+    let mut taken: BTreeSet<&String> = BTreeSet::new();
+    let mut plan = vec![];
+    let n = members.len() as f64;
+    let mut cumulative = 0.0;
+    for wave in waves {
+        let ids: Vec<String> = match wave {
+            Wave::Percent(p) => {
+                cumulative += p;
+                let upto = ((cumulative / 100.0 * n).round() as usize).min(members.len());
+                let free: Vec<&String> = order
+                    .iter()
+                    .copied()
+                    .filter(|id| !taken.contains(id))
+                    .collect();
+                let want = upto.saturating_sub(taken.len());
+                free.into_iter().take(want).cloned().collect()
+            }
+            Wave::Target(t) => order
+                .iter()
+                .copied()
+                .filter(|id| !taken.contains(id))
+                .filter(|id| {
+                    statuses
+                        .get(*id)
+                        .is_some_and(|s| t.includes(&s.device, &s.groups))
+                        || matches!(t, Target::Device(d) if d == *id)
+                })
+                .cloned()
+                .collect(),
+        };
+        for id in &ids {
+            taken.insert(members.iter().find(|m| *m == id).expect("member"));
+        }
+        plan.push(ids);
+    }
+    let rest: Vec<String> = order
+        .iter()
+        .filter(|id| !taken.contains(*id))
+        .map(|id| (*id).clone())
+        .collect();
+    if !rest.is_empty() || plan.is_empty() {
+        plan.push(rest);
+    }
+    for ids in &mut plan {
+        ids.sort();
+    }
+    plan
+}
+
+fn wave_labels(waves: &[Wave], planned: usize) -> Vec<String> {
+    (0..planned)
+        .map(|i| {
+            let what = match waves.get(i) {
+                Some(Wave::Percent(p)) => format!(" ({p}%)"),
+                Some(Wave::Target(t)) => format!(" ({t})"),
+                None if !waves.is_empty() => " (the rest)".into(),
+                None => String::new(),
+            };
+            format!("wave {}/{planned}{what}", i + 1)
+        })
+        .collect()
+}
+
+fn preview(ids: &[String]) -> String {
+    if ids.len() <= 8 {
+        ids.join(", ")
+    } else {
+        format!("{}, ... ({} more)", ids[..6].join(", "), ids.len() - 6)
+    }
+}
+
+fn save_record(options: &RolloutOptions, record: &Record) {
+    if let Some(path) = &options.record {
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
+        if let Err(e) = crate::package::write_atomic(path, &bytes) {
+            tracing::error!("rollout record: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: &str, groups: &[&str]) -> Status {
+        Status {
+            device: id.into(),
+            line: "l".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            edge_version: "0".into(),
+            online: true,
+            active: None,
+            previous: vec![],
+            on_trial: false,
+            last_event: None,
+            updated_unix: 0,
+        }
+    }
+
+    #[test]
+    fn waves_split_by_percent_and_by_target() {
+        let ids: Vec<String> = (0..100).map(|i| format!("d{i:03}")).collect();
+        let statuses: BTreeMap<String, Status> = ids
+            .iter()
+            .map(|id| {
+                let g: &[&str] = if id.ends_with('7') { &["canary"] } else { &[] };
+                (id.clone(), status(id, g))
+            })
+            .collect();
+        let plan = plan_waves(
+            &ids,
+            &[
+                "5%".parse().unwrap(),
+                "15%".parse().unwrap(),
+                "80%".parse().unwrap(),
+            ],
+            &statuses,
+        );
+        assert_eq!(
+            plan.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![5, 15, 80]
+        );
+        let all: BTreeSet<&String> = plan.iter().flatten().collect();
+        assert_eq!(all.len(), 100);
+        let plan = plan_waves(&ids, &["group:canary".parse().unwrap()], &statuses);
+        assert_eq!(plan.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 90]);
+        assert!(plan[0].iter().all(|id| id.ends_with('7')));
+        let plan = plan_waves(&ids, &[], &statuses);
+        assert_eq!(plan.len(), 1);
+        assert!("0%".parse::<Wave>().is_err());
+        assert!("x%".parse::<Wave>().is_err());
+        assert!("robot:1".parse::<Wave>().is_err());
     }
 }

@@ -6,6 +6,10 @@
 //! Downward (publisher -> devices), addressed to one device, a group or the whole site:
 //! `edgeinsp/{site}/down/device/{id}/{kind}`, `edgeinsp/{site}/down/group/{name}/{kind}`,
 //! `edgeinsp/{site}/down/fleet/{kind}` with kind = `offer` | `chunk` | `complete` | `command`.
+//!
+//! A transfer under way has its own topics, `edgeinsp/{site}/down/transfer/{id16}/{kind}` (the
+//! first 16 hex digits of the transfer id; kind = `chunk` | `complete`): a device subscribes
+//! while it receives that package, so one publish reaches exactly the devices that need it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -194,6 +198,39 @@ impl Topics {
         format!("{ROOT}/{}/down/{}/+", self.site, target.path())
     }
 
+    /// Topic of one kind for the devices receiving a transfer (hex id).
+    pub fn transfer(&self, transfer_hex: &str, kind: DownKind) -> String {
+        format!(
+            "{ROOT}/{}/down/transfer/{}/{}",
+            self.site,
+            &transfer_hex[..transfer_hex.len().min(16)],
+            kind.as_str()
+        )
+    }
+
+    /// Subscription filter for everything sent to the devices receiving a transfer.
+    pub fn transfer_filter(&self, transfer_hex: &str) -> String {
+        format!(
+            "{ROOT}/{}/down/transfer/{}/+",
+            self.site,
+            &transfer_hex[..transfer_hex.len().min(16)]
+        )
+    }
+
+    /// Splits a transfer topic into (id prefix, kind).
+    pub fn parse_transfer<'a>(&self, topic: &'a str) -> Option<(&'a str, DownKind)> {
+        let rest = topic
+            .strip_prefix(ROOT)?
+            .strip_prefix('/')?
+            .strip_prefix(self.site.as_str())?
+            .strip_prefix("/down/transfer/")?;
+        let (id, kind) = rest.split_once('/')?;
+        if id.is_empty() || kind.contains('/') {
+            return None;
+        }
+        Some((id, DownKind::parse(kind)?))
+    }
+
     /// Splits an upward topic into (line, device, kind).
     pub fn parse_up<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str, UpKind)> {
         let rest = topic
@@ -262,5 +299,20 @@ mod tests {
         assert_eq!(t.parse_down("edgeinsp/other/down/fleet/offer"), None);
         assert_eq!(t.parse_down("edgeinsp/plant1/down/fleet/explode"), None);
         assert!(Topics::new("a/b").is_err());
+        let hex = "0123456789abcdef0123";
+        let chunk = t.transfer(hex, DownKind::Chunk);
+        assert_eq!(
+            chunk,
+            "edgeinsp/plant1/down/transfer/0123456789abcdef/chunk"
+        );
+        assert_eq!(
+            t.parse_transfer(&chunk),
+            Some(("0123456789abcdef", DownKind::Chunk))
+        );
+        assert_eq!(t.parse_down(&chunk), None);
+        assert_eq!(
+            t.parse_transfer("edgeinsp/plant1/down/transfer/x/y/chunk"),
+            None
+        );
     }
 }

@@ -684,8 +684,12 @@ fn canary_group_goes_first_and_a_failure_halts_the_rollout() {
         &["--to", "group:line", "--canary", "group:canary"],
     );
     assert!(ok, "{out}");
-    let canary_at = out.find("group:canary: offering").expect("canary stage");
-    let line_at = out.find("group:line: offering").expect("main stage");
+    let canary_at = out
+        .find("wave 1/2 (group:canary): offering")
+        .expect("canary stage");
+    let line_at = out
+        .find("wave 2/2 (the rest): offering")
+        .expect("main stage");
     assert!(canary_at < line_at, "{out}");
     assert!(
         out.contains("to 1 device(s): cam2"),
@@ -700,9 +704,12 @@ fn canary_group_goes_first_and_a_failure_halts_the_rollout() {
         &["--to", "group:line", "--canary", "group:canary"],
     );
     assert!(!ok, "{out}");
-    assert!(out.contains("canary failed: rollout of v3 halted"), "{out}");
+    assert!(
+        out.contains("rollout of v3 halted: wave 1/2 (group:canary) reached 0 of 1 activated"),
+        "{out}"
+    );
     assert!(out.contains("too large"), "{out}");
-    assert!(!out.contains("group:line: offering"), "{out}");
+    assert!(!out.contains("wave 2/2 (the rest): offering"), "{out}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(active_version(&w.status("cam2").unwrap()), Some(2));
     assert!(

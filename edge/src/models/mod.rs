@@ -1,8 +1,8 @@
 //! The model lifecycle beside the inspection pipeline: the active model the pipeline reads
 //! ([`active`]), the package store with its trial and rollback state ([`store`]), packages
-//! received over MQTT (`transfer`: chunks stored durably in sled, resumed after any
-//! interruption, verified, self-tested on golden samples, activated) and signed commands
-//! (`commands`). [`ModelLifecycle`] owns all of it; the daemon hands it the MQTT messages
+//! received over MQTT (the protocol's device side, `protocol::device`, with `transfer`: chunks
+//! stored durably in sled, resumed after any interruption, self-tested on golden samples,
+//! activated) and signed commands (`commands`). [`ModelLifecycle`] owns all of it; the daemon hands it the MQTT messages
 //! addressed to this device.
 
 pub mod active;
@@ -16,18 +16,19 @@ use std::time::Duration;
 
 use burn::prelude::*;
 use edge_detector::golden;
-use protocol::messages::{Message, transfer_id};
+use protocol::device::{Outbound, Receiver};
+use protocol::messages::Message;
 use protocol::mqtt::Incoming;
 use protocol::package::{Package, VerifyingKey, parse_public_key};
 use protocol::topics::{DownKind, Target, Topics, UpKind};
-use protocol::{Complete, Offer, Report, ReportState, SignedCommand, Status, unix_now};
+use protocol::{Report, ReportState, SignedCommand, Status, unix_now};
 use rumqttc::{AsyncClient, QoS};
 use serde::Deserialize;
 
 use crate::identity::DeviceConfig;
 pub use active::ActiveModel;
 use store::{Installed, ModelStore};
-use transfer::Transfer;
+use transfer::{EdgeInstaller, SledTransfers};
 
 /// This build's version: packages name the oldest edge that may run them.
 pub const EDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -104,11 +105,7 @@ pub struct ModelLifecycle {
     trusted: Vec<VerifyingKey>,
     topics: Topics,
     store: ModelStore,
-    transfers: sled::Tree,
-    chunks: sled::Tree,
-    finished: sled::Tree,
-    db: sled::Db,
-    current: Option<Transfer>,
+    receiver: Receiver<SledTransfers>,
     active: ActiveModel,
     device: Device,
     client: Option<AsyncClient>,
@@ -147,15 +144,17 @@ impl ModelLifecycle {
             .path(state_dir.join("transfers.sled"))
             .cache_capacity(16 << 20)
             .open()?;
+        let receiver = Receiver::new(
+            &identity.id,
+            topics.clone(),
+            trusted.clone(),
+            SledTransfers::open(db)?,
+        );
         let mut models = Self {
             trusted,
             topics,
             store,
-            transfers: db.open_tree("transfers")?,
-            chunks: db.open_tree("chunks")?,
-            finished: db.open_tree("finished")?,
-            db,
-            current: None,
+            receiver,
             active: ActiveModel::default(),
             device,
             client: None,
@@ -165,7 +164,10 @@ impl ModelLifecycle {
         };
         models.install_factory()?;
         models.load_active();
-        models.restore_transfer()?;
+        let (receiver, installer) = models.parts();
+        receiver
+            .restore(&installer)
+            .map_err(|e| anyhow::anyhow!("transfer store: {e}"))?;
         Ok(models)
     }
 
@@ -209,15 +211,52 @@ impl ModelLifecycle {
     /// (Re)connected to the broker: announce the status and a transfer under way.
     pub fn on_connected(&mut self) {
         self.publish_status();
-        if let Some(t) = &self.current {
-            let report = self.progress_report(t);
-            self.report(report);
-        }
+        self.receiver.on_connected();
+        self.send_outbound();
     }
 
     /// Makes received chunks durable (at shutdown).
     pub async fn flush(&self) {
-        let _ = self.db.flush_async().await;
+        let _ = self.receiver.store().db.flush_async().await;
+    }
+
+    /// The receiver and the installer it hands packages to, borrowed side by side.
+    fn parts(&mut self) -> (&mut Receiver<SledTransfers>, EdgeInstaller<'_>) {
+        let d = &self.identity;
+        let installer = EdgeInstaller {
+            config: &self.config,
+            store: &mut self.store,
+            active: &self.active,
+            device: &self.device,
+            client: self.client.as_ref(),
+            report_topic: self.topics.up(&d.line, &d.id, UpKind::Report),
+            trial_deadline: &mut self.trial_deadline,
+        };
+        (&mut self.receiver, installer)
+    }
+
+    /// Sends what the receiver asked for; a final report also becomes the status's last event.
+    fn send_outbound(&mut self) {
+        for out in self.receiver.take_outbound() {
+            match out {
+                Outbound::Report(r) if r.state.is_final() => self.finish(r),
+                Outbound::Report(r) => self.report(r),
+                Outbound::Subscribe(filter) => {
+                    if let Some(c) = &self.client
+                        && let Err(e) = c.try_subscribe(&filter, QoS::AtLeastOnce)
+                    {
+                        tracing::warn!("subscribe {filter}: {e}");
+                    }
+                }
+                Outbound::Unsubscribe(filter) => {
+                    if let Some(c) = &self.client
+                        && let Err(e) = c.try_unsubscribe(&filter)
+                    {
+                        tracing::warn!("unsubscribe {filter}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     fn install_factory(&mut self) -> anyhow::Result<()> {
@@ -339,16 +378,9 @@ impl ModelLifecycle {
         }
     }
 
-    /// Records and sends a final report. Activations and self-test failures are remembered (a
-    /// repeated offer gets the same answer); refusals are not, as the same transfer may arrive
-    /// intact next time.
+    /// Sends a final report and records its event.
     fn finish(&mut self, report: Report) {
-        if let Some(t) = &report.transfer
-            && matches!(report.state, ReportState::Activated | ReportState::Failed)
-            && let Ok(id) = transfer_id(t)
-        {
-            let _ = self.finished.insert(id, report.encode());
-        }
+        let activated = report.state == ReportState::Activated;
         if matches!(
             report.state,
             ReportState::Refused | ReportState::Failed | ReportState::RolledBack
@@ -369,31 +401,30 @@ impl ModelLifecycle {
             }
         }
         self.report(report);
+        if activated {
+            crate::faults::point("reported");
+        }
         self.publish_status();
     }
 
-    /// Handles a message on one of [`Self::subscriptions`].
+    /// Handles a message on one of [`Self::subscriptions`] or on a transfer's topic.
     pub async fn handle(&mut self, msg: Incoming) {
-        let Some((target, kind)) = self.topics.parse_down(&msg.topic) else {
-            return;
-        };
-        if !target.includes(&self.identity.id, &self.identity.groups) {
-            return;
+        if let Some((target, kind)) = self.topics.parse_down(&msg.topic) {
+            if !target.includes(&self.identity.id, &self.identity.groups) {
+                return;
+            }
+            if kind == DownKind::Command {
+                match SignedCommand::decode(&msg.payload) {
+                    Ok(c) => self.on_command(c),
+                    Err(e) => tracing::warn!("{}: {e}", msg.topic),
+                }
+                return;
+            }
         }
-        match kind {
-            DownKind::Chunk => self.on_chunk(&msg.payload).await,
-            DownKind::Offer => match Offer::decode(&msg.payload) {
-                Ok(offer) => self.on_offer(offer).await,
-                Err(e) => tracing::warn!("{}: {e}", msg.topic),
-            },
-            DownKind::Complete => match Complete::decode(&msg.payload) {
-                Ok(c) => self.on_complete(c),
-                Err(e) => tracing::warn!("{}: {e}", msg.topic),
-            },
-            DownKind::Command => match SignedCommand::decode(&msg.payload) {
-                Ok(c) => self.on_command(c),
-                Err(e) => tracing::warn!("{}: {e}", msg.topic),
-            },
-        }
+        let (receiver, mut installer) = self.parts();
+        receiver
+            .handle(&msg.topic, &msg.payload, &mut installer)
+            .await;
+        self.send_outbound();
     }
 }

@@ -1,68 +1,28 @@
-//! Receiving a package: the offer checked before a byte is stored, chunks kept in sled (flushed
-//! at each progress step) and resumed after a restart, missing ranges reported, then the whole
-//! verified, stored, self-tested on its golden samples and activated.
+//! The edge's half of receiving a package: the protocol itself is `protocol::device`; here are
+//! where its transfers live (sled: offers, chunks and finished reports, flushed at every tenth)
+//! and how a verified package becomes the active model (the package store, the golden-sample
+//! self-test, the switch with its trial).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_detector::golden;
-use protocol::messages::{Message, to_ranges, transfer_id};
-use protocol::package::{Manifest, Package, check_weights, verify_signature};
-use protocol::{Chunk, Complete, Offer, Report, ReportState, sha256_hex, version_at_least};
+use protocol::device::{Installed, Installer, TransferStore};
+use protocol::messages::Message;
+use protocol::package::{Manifest, Package};
+use protocol::{Offer, Report, version_at_least};
+use rumqttc::{AsyncClient, QoS};
 
-use super::{EDGE_VERSION, ModelLifecycle};
+use super::store::ModelStore;
+use super::{ActiveModel, EDGE_VERSION, ModelsConfig};
 
-/// A package being received.
-pub(super) struct Transfer {
-    id: [u8; 32],
-    hex: String,
-    offer: Offer,
-    manifest: Manifest,
-    have: Vec<bool>,
-    have_count: u32,
-    last_report: Instant,
-}
-
-impl Transfer {
-    fn count(&self) -> u32 {
-        self.have.len() as u32
-    }
-
-    fn missing(&self) -> Vec<[u32; 2]> {
-        to_ranges(
-            self.have
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| !**h)
-                .map(|(i, _)| i as u32),
-        )
-    }
-}
-
-fn new_report(device: &str, transfer: &str, version: Option<u64>, state: ReportState) -> Report {
-    Report {
-        device: device.to_string(),
-        transfer: Some(transfer.to_string()),
-        version,
-        state,
-        have: 0,
-        missing: vec![],
-        reason: None,
-    }
-}
-
-/// A "receiving" report for a transfer, with the given missing ranges.
-fn receiving(device: &str, t: &Transfer, missing: Vec<[u32; 2]>) -> Report {
-    Report {
-        have: t.have_count,
-        missing,
-        ..new_report(
-            device,
-            &t.hex,
-            Some(t.manifest.version),
-            ReportState::Receiving,
-        )
-    }
+/// Transfers in sled: `transfers` (offer by transfer id), `chunks` (id ++ index BE), `finished`
+/// (final report by transfer id).
+pub(super) struct SledTransfers {
+    pub(super) db: sled::Db,
+    transfers: sled::Tree,
+    chunks: sled::Tree,
+    finished: sled::Tree,
 }
 
 fn chunk_key(id: &[u8; 32], index: u32) -> [u8; 36] {
@@ -72,108 +32,111 @@ fn chunk_key(id: &[u8; 32], index: u32) -> [u8; 36] {
     key
 }
 
-impl ModelLifecycle {
-    pub(super) fn restore_transfer(&mut self) -> anyhow::Result<()> {
-        let mut found = None;
+impl SledTransfers {
+    pub(super) fn open(db: sled::Db) -> sled::Result<Self> {
+        Ok(Self {
+            transfers: db.open_tree("transfers")?,
+            chunks: db.open_tree("chunks")?,
+            finished: db.open_tree("finished")?,
+            db,
+        })
+    }
+}
+
+impl TransferStore for SledTransfers {
+    fn offers(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, String> {
+        let mut out = vec![];
         for entry in self.transfers.iter() {
-            let (key, value) = entry?;
-            let stale = found.is_some();
-            let parsed = Offer::decode(&value)
-                .map_err(|e| e.to_string())
-                .and_then(|offer| self.check_offer(&offer).map(|m| (offer, m)));
-            match parsed {
-                Ok((offer, manifest)) if !stale => {
-                    let id: [u8; 32] = key.as_ref().try_into()?;
-                    found = Some((id, offer, manifest));
-                }
-                _ => {
-                    self.drop_transfer_key(&key)?;
+            let (key, value) = entry.map_err(|e| e.to_string())?;
+            match <[u8; 32]>::try_from(key.as_ref()) {
+                Ok(id) => out.push((id, value.to_vec())),
+                Err(_) => {
+                    let _ = self.transfers.remove(key);
                 }
             }
         }
-        if let Some((id, offer, manifest)) = found {
-            let count = offer.chunks.len();
-            let mut have = vec![false; count];
-            let mut have_count = 0;
-            for entry in self.chunks.scan_prefix(id) {
-                let (key, _) = entry?;
-                let index = u32::from_be_bytes(key[32..36].try_into()?) as usize;
-                if index < count && !have[index] {
-                    have[index] = true;
-                    have_count += 1;
-                }
-            }
-            tracing::info!(
-                "resuming transfer of {} v{}: {have_count} of {count} chunks already here",
-                manifest.id,
-                manifest.version
-            );
-            self.current = Some(Transfer {
-                id,
-                hex: offer.transfer.clone(),
-                offer,
-                manifest,
-                have,
-                have_count,
-                last_report: Instant::now(),
-            });
+        Ok(out)
+    }
+
+    fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
+        self.transfers
+            .insert(id, offer)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String> {
+        self.chunks
+            .insert(chunk_key(id, index), data)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn chunk_indices(&self, id: &[u8; 32]) -> Result<Vec<u32>, String> {
+        self.chunks
+            .scan_prefix(id)
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| e.to_string())?;
+                Ok(u32::from_be_bytes(
+                    k[32..36].try_into().map_err(|_| "chunk key too short")?,
+                ))
+            })
+            .collect()
+    }
+
+    fn weights(&self, id: &[u8; 32], size: u64) -> Result<Vec<u8>, String> {
+        let mut weights = Vec::with_capacity(size as usize);
+        for entry in self.chunks.scan_prefix(id).values() {
+            weights.extend_from_slice(&entry.map_err(|e| e.to_string())?);
+        }
+        Ok(weights)
+    }
+
+    fn drop_transfer(&mut self, id: &[u8; 32]) -> Result<(), String> {
+        self.transfers.remove(id).map_err(|e| e.to_string())?;
+        for key in self.chunks.scan_prefix(id).keys() {
+            let key = key.map_err(|e| e.to_string())?;
+            self.chunks.remove(key).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 
-    pub(super) fn drop_transfer_key(&self, key: &[u8]) -> anyhow::Result<()> {
-        self.transfers.remove(key)?;
-        for entry in self.chunks.scan_prefix(key) {
-            let (k, _) = entry?;
-            self.chunks.remove(k)?;
+    fn finished(&self, id: &[u8; 32]) -> Option<Vec<u8>> {
+        self.finished.get(id).ok()?.map(|v| v.to_vec())
+    }
+
+    fn put_finished(&mut self, id: &[u8; 32], report: &[u8]) {
+        if let Err(e) = self.finished.insert(id, report) {
+            tracing::error!("transfer store: {e}");
         }
-        Ok(())
     }
 
-    pub(super) fn base_report(
-        &self,
-        transfer: &str,
-        version: Option<u64>,
-        state: ReportState,
-    ) -> Report {
-        new_report(&self.identity.id, transfer, version, state)
+    fn remove_finished(&mut self, id: &[u8; 32]) {
+        let _ = self.finished.remove(id);
     }
 
-    pub(super) fn progress_report(&self, t: &Transfer) -> Report {
-        receiving(&self.identity.id, t, t.missing())
-    }
-
-    /// The final report of a finished transfer, unless it no longer holds (an activated model
-    /// that was rolled back since: offering it again installs it again).
-    fn finished_report(&self, id: &[u8; 32]) -> Option<Report> {
-        let report = Report::decode(&self.finished.get(id).ok()??).ok()?;
-        let active = self.store.state.active.as_ref().map(|m| m.version);
-        if report.state == ReportState::Activated && active != report.version {
-            let _ = self.finished.remove(id);
-            return None;
+    fn flush(&mut self) {
+        // sled flushes on its own every 500 ms; this bounds what a kill -9 can lose.
+        if let Err(e) = self.db.flush() {
+            tracing::error!("transfer store flush: {e}");
         }
-        Some(report)
     }
+}
 
-    pub(super) fn refuse(&mut self, transfer: &str, version: Option<u64>, reason: String) {
-        tracing::warn!("refused package (transfer {transfer}): {reason}");
-        let report = Report {
-            reason: Some(reason),
-            ..self.base_report(transfer, version, ReportState::Refused)
-        };
-        self.finish(report);
-    }
+/// The model side of an install: borrowed from [`super::ModelLifecycle`] for one message.
+pub(super) struct EdgeInstaller<'a> {
+    pub(super) config: &'a ModelsConfig,
+    pub(super) store: &'a mut ModelStore,
+    pub(super) active: &'a ActiveModel,
+    pub(super) device: &'a burn::prelude::Device,
+    pub(super) client: Option<&'a AsyncClient>,
+    pub(super) report_topic: String,
+    pub(super) trial_deadline: &'a mut Option<tokio::time::Instant>,
+}
 
-    /// Everything an offer must satisfy before a byte of it is stored.
-    fn check_offer(&self, offer: &Offer) -> Result<Manifest, String> {
-        let signature = hex::decode(&offer.signature).map_err(|e| format!("signature: {e}"))?;
-        if protocol::messages::transfer_hex(offer.manifest.as_bytes(), &signature) != offer.transfer
-        {
-            return Err("transfer id is not the digest of manifest and signature".into());
-        }
-        verify_signature(offer.manifest.as_bytes(), &signature, &self.trusted)
-            .map_err(|e| e.to_string())?;
-        let manifest = Manifest::from_json(offer.manifest.as_bytes()).map_err(|e| e.to_string())?;
+impl Installer for EdgeInstaller<'_> {
+    fn check(&self, manifest: &Manifest, offer: &Offer) -> Result<(), String> {
         if self
             .store
             .state
@@ -190,21 +153,6 @@ impl ModelLifecycle {
             return Err(format!(
                 "too large: {} bytes, the limit is {limit} (models.max_package_mb)",
                 offer.size
-            ));
-        }
-        if offer.size != manifest.weights.size {
-            return Err(format!(
-                "offer size {} differs from the manifest's {}",
-                offer.size, manifest.weights.size
-            ));
-        }
-        let expected_chunks = offer.size.div_ceil(offer.chunk_size.max(1) as u64);
-        if offer.chunk_size == 0 || offer.chunks.len() as u64 != expected_chunks {
-            return Err(format!(
-                "{} chunk digests for {} bytes in chunks of {}",
-                offer.chunks.len(),
-                offer.size,
-                offer.chunk_size
             ));
         }
         match version_at_least(EDGE_VERSION, &manifest.min_edge_version) {
@@ -231,247 +179,47 @@ impl ModelLifecycle {
                 manifest.version, active.version
             ));
         }
-        Ok(manifest)
+        Ok(())
     }
 
-    pub(super) async fn on_offer(&mut self, offer: Offer) {
-        let Ok(id) = transfer_id(&offer.transfer) else {
-            tracing::warn!("offer with a malformed transfer id `{}`", offer.transfer);
-            return;
-        };
-        if let Some(report) = self.finished_report(&id) {
-            self.report(report);
-            return;
-        }
-        if let Some(t) = &self.current
-            && t.id == id
-        {
-            let report = self.progress_report(t);
-            self.report(report);
-            return;
-        }
-        let manifest = match self.check_offer(&offer) {
-            Ok(m) => m,
-            Err(reason) => {
-                let version = Manifest::from_json(offer.manifest.as_bytes())
-                    .ok()
-                    .map(|m| m.version);
-                self.refuse(&offer.transfer, version, reason);
-                return;
-            }
-        };
-        if let Some(active) = &self.store.state.active
-            && active.version == manifest.version
-        {
-            // Already running exactly this model.
-            let report = self.base_report(
-                &offer.transfer,
-                Some(manifest.version),
-                ReportState::Activated,
-            );
-            self.finish(report);
-            return;
-        }
-        if let Some(t) = self.current.take() {
-            if t.manifest.version > manifest.version {
-                let reason = format!(
-                    "a newer package (v{}) is being received",
-                    t.manifest.version
-                );
-                self.current = Some(t);
-                self.refuse(&offer.transfer, Some(manifest.version), reason);
-                return;
-            }
-            tracing::info!(
-                "dropping the transfer of v{} for v{}",
-                t.manifest.version,
-                manifest.version
-            );
-            let _ = self.drop_transfer_key(&t.id);
-        }
-        if let Err(e) = self.transfers.insert(id, offer.encode()) {
-            tracing::error!("transfer store: {e}");
-            return;
-        }
-        crate::faults::point("offer");
-        tracing::info!(
-            "receiving {} v{}: {} bytes in {} chunks",
-            manifest.id,
-            manifest.version,
-            offer.size,
-            offer.chunks.len()
-        );
-        let t = Transfer {
-            id,
-            hex: offer.transfer.clone(),
-            have: vec![false; offer.chunks.len()],
-            have_count: 0,
-            manifest,
-            offer,
-            last_report: Instant::now(),
-        };
-        let report = self.progress_report(&t);
-        self.current = Some(t);
-        self.report(report);
-        if self.current.as_ref().is_some_and(|t| t.count() == 0) {
-            self.finalize().await;
-        }
+    fn active_version(&self) -> Option<u64> {
+        self.store.state.active.as_ref().map(|m| m.version)
     }
 
-    pub(super) async fn on_chunk(&mut self, payload: &[u8]) {
-        let chunk = match Chunk::decode(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("chunk refused: {e}");
-                return;
-            }
-        };
-        let device = self.identity.id.clone();
-        let Some(t) = self.current.as_mut().filter(|t| t.id == chunk.transfer) else {
-            tracing::debug!("chunk of an unknown transfer: ignored");
-            return;
-        };
-        let index = chunk.index as usize;
-        if chunk.count != t.count() || index >= t.have.len() {
-            tracing::warn!(
-                "chunk {}/{} does not fit the offer ({} chunks)",
-                chunk.index,
-                chunk.count,
-                t.count()
-            );
-            return;
-        }
-        if t.have[index] {
-            return; // duplicate
-        }
-        if sha256_hex(chunk.data) != t.offer.chunks[index] {
-            tracing::warn!(
-                "chunk {index} of {} v{}: digest mismatch (corrupted in transit): asking again",
-                t.manifest.id,
-                t.manifest.version
-            );
-            let report = receiving(&device, t, vec![[chunk.index, chunk.index]]);
-            self.report(report);
-            return;
-        }
-        if let Err(e) = self
-            .chunks
-            .insert(chunk_key(&t.id, chunk.index), chunk.data)
-        {
-            tracing::error!("transfer store: {e}");
-            return;
-        }
-        t.have[index] = true;
-        t.have_count += 1;
-        if crate::faults::COMPILED_IN {
-            crate::faults::point(&format!("chunk-{}", t.have_count));
-        }
-        if t.have_count == t.count() {
-            self.finalize().await;
-        } else if t.have_count % (t.count() / 10).max(1) == 0
-            || t.last_report.elapsed() > Duration::from_secs(2)
-        {
-            t.last_report = Instant::now();
-            // sled flushes on its own every 500 ms; at each progress step make what arrived
-            // durable, so a kill -9 loses at most one step.
-            if let Err(e) = self.db.flush() {
-                tracing::error!("transfer store flush: {e}");
-            }
-            let report = receiving(&device, t, vec![]);
-            self.report(report);
-        }
-    }
-
-    pub(super) fn on_complete(&mut self, complete: Complete) {
-        let Ok(id) = transfer_id(&complete.transfer) else {
-            return;
-        };
-        if let Some(report) = self.finished_report(&id) {
-            self.report(report);
-            return;
-        }
-        match &self.current {
-            Some(t) if t.id == id => {
-                let report = self.progress_report(t);
-                self.report(report);
-            }
-            _ => {
-                let report = self.base_report(&complete.transfer, None, ReportState::NeedOffer);
-                self.report(report);
-            }
-        }
-    }
-
-    /// All chunks are in: verify, store, self-test, switch.
-    async fn finalize(&mut self) {
-        let Some(t) = self.current.take() else {
-            return;
-        };
-        crate::faults::point("finalize");
-        let mut weights = Vec::with_capacity(t.offer.size as usize);
-        let mut read_ok = true;
-        for entry in self.chunks.scan_prefix(t.id) {
-            match entry {
-                Ok((_, v)) => weights.extend_from_slice(&v),
-                Err(e) => {
-                    tracing::error!("transfer store: {e}");
-                    read_ok = false;
-                }
-            }
-        }
-        let _ = self.drop_transfer_key(&t.id);
-        crate::faults::point("transfer-dropped");
-        let version = Some(t.manifest.version);
-        if !read_ok {
-            self.refuse(&t.hex, version, "transfer store unreadable".into());
-            return;
-        }
-        if let Err(e) = check_weights(&t.manifest, &weights) {
-            self.refuse(&t.hex, version, e.to_string());
-            return;
-        }
-        let package = Package {
-            manifest_bytes: t.offer.manifest.as_bytes().to_vec(),
-            signature: match hex::decode(&t.offer.signature)
-                .ok()
-                .and_then(|s| <[u8; 64]>::try_from(s).ok())
-            {
-                Some(s) => s,
-                None => {
-                    self.refuse(&t.hex, version, "signature is not 64 bytes".into());
-                    return;
-                }
-            },
-            weights,
-        };
-        let installed = match self.store.install(&t.manifest, &package) {
+    async fn install(
+        &mut self,
+        manifest: &Manifest,
+        package: Package,
+        staged: Report,
+    ) -> Installed {
+        let installed = match self.store.install(manifest, &package) {
             Ok(i) => i,
-            Err(e) => {
-                self.refuse(&t.hex, version, format!("cannot store the package: {e}"));
-                return;
-            }
+            Err(e) => return Installed::Refused(format!("cannot store the package: {e}")),
         };
         crate::faults::point("package-written");
-        self.report(self.base_report(&t.hex, version, ReportState::Staged));
+        if let Some(client) = self.client
+            && let Err(e) = client.try_publish(
+                self.report_topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                staged.encode(),
+            )
+        {
+            tracing::warn!("report not published: {e}");
+        }
         crate::faults::point("staged");
-        tracing::info!(
-            "staged {} v{}: self-test",
-            t.manifest.id,
-            t.manifest.version
-        );
+        tracing::info!("staged {} v{}: self-test", manifest.id, manifest.version);
         let origin = self.store.path_of(&installed).display().to_string();
         let device = self.device.clone();
-        let manifest = t.manifest.clone();
         let checked = tokio::task::block_in_place(|| {
-            golden::load_and_check(&manifest, package.weights, &origin, &device)
+            golden::load_and_check(manifest, package.weights, &origin, &device)
         });
         match checked {
             Ok(detector) => {
                 crate::faults::point("self-tested");
-                let previous = self.store.state.active.as_ref().map(|m| m.version);
+                let previous = self.active_version();
                 if let Err(e) = self.store.switch_to(installed.clone(), true) {
-                    self.refuse(&t.hex, version, format!("cannot switch: {e}"));
-                    return;
+                    return Installed::Refused(format!("cannot switch: {e}"));
                 }
                 crate::faults::point("state-saved");
                 let _ = self.store.set_event(format!(
@@ -483,31 +231,26 @@ impl ModelLifecycle {
                 crate::faults::point("event-saved");
                 *self.active.write().expect("lock") = Some((installed, Arc::new(detector)));
                 crate::faults::point("activated");
-                self.trial_deadline = Some(
+                *self.trial_deadline = Some(
                     tokio::time::Instant::now() + Duration::from_secs(self.config.confirm_after_s),
                 );
-                tracing::info!("activated {} v{}", t.manifest.id, t.manifest.version);
-                let report = self.base_report(&t.hex, version, ReportState::Activated);
-                self.finish(report);
-                crate::faults::point("reported");
+                tracing::info!("activated {} v{}", manifest.id, manifest.version);
+                Installed::Activated
             }
             Err(e) => {
                 self.store.discard(&installed);
                 let kept = self
-                    .store
-                    .state
-                    .active
-                    .as_ref()
-                    .map(|m| format!("v{}", m.version))
+                    .active_version()
+                    .map(|v| format!("v{v}"))
                     .unwrap_or("no model".into());
                 let reason = format!("self-test failed, kept {kept}: {e}");
-                tracing::error!("{} v{}: {reason}", t.manifest.id, t.manifest.version);
-                let report = Report {
-                    reason: Some(reason),
-                    ..self.base_report(&t.hex, version, ReportState::Failed)
-                };
-                self.finish(report);
+                tracing::error!("{} v{}: {reason}", manifest.id, manifest.version);
+                Installed::Failed(reason)
             }
         }
+    }
+
+    fn step(&mut self, name: &str) {
+        crate::faults::point(name);
     }
 }
