@@ -69,8 +69,10 @@ pub struct Args {
     /// Keep running this long after every device finished (reconnect measurements).
     #[arg(long, default_value_t = 2.0)]
     linger_s: f64,
-    /// MQTT keep-alive, seconds.
-    #[arg(long, default_value_t = 10)]
+    /// MQTT keep-alive, seconds. A client drops its connection when the broker's answer to a
+    /// ping is later than this, and a simulated device's answer waits behind the chunks the
+    /// broker is still delivering to a thousand others on the same machine.
+    #[arg(long, default_value_t = 30)]
     keep_alive_s: u64,
 }
 
@@ -80,6 +82,9 @@ struct DeviceStats {
     id: String,
     outcome: Option<String>,
     reports: u32,
+    /// Reports by state (`receiving` counts the answer to the offer, half way, and answers
+    /// to probes or after a reconnect).
+    report_states: std::collections::BTreeMap<String, u32>,
     chunk_bytes: u64,
     killed: bool,
     offline_at_start: bool,
@@ -107,7 +112,7 @@ struct SimStore {
 }
 
 impl TransferStore for SimStore {
-    fn offers(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, String> {
+    fn offers(&self) -> Result<protocol::device::StoredOffers, String> {
         Ok(self.offers.iter().map(|(k, v)| (*k, v.clone())).collect())
     }
     fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
@@ -279,6 +284,11 @@ impl SimDevice {
 
     async fn publish_report(&mut self, conn: &Connection, r: Report) {
         self.stats.reports += 1;
+        *self
+            .stats
+            .report_states
+            .entry(format!("{:?}", r.state).to_lowercase())
+            .or_default() += 1;
         let topic = self.topics.up(&self.line, &self.id, UpKind::Report);
         let _ = conn.publish(topic, r.encode(), false).await;
     }
@@ -493,6 +503,7 @@ struct Summary {
     unfinished: usize,
     reports_max: u32,
     reports_mean: f64,
+    reports_by_state: std::collections::BTreeMap<String, u32>,
     chunk_bytes: u64,
     killed: usize,
     killed_missed_bytes: u64,
@@ -529,6 +540,12 @@ fn summarize(stats: &[DeviceStats], elapsed: Duration) -> Summary {
         reports_max: stats.iter().map(|s| s.reports).max().unwrap_or(0),
         reports_mean: stats.iter().map(|s| s.reports as f64).sum::<f64>()
             / stats.len().max(1) as f64,
+        reports_by_state: stats.iter().fold(Default::default(), |mut all, s| {
+            for (k, v) in &s.report_states {
+                *all.entry(k.clone()).or_default() += v;
+            }
+            all
+        }),
         chunk_bytes: stats.iter().map(|s| s.chunk_bytes).sum(),
         killed: killed.len(),
         killed_missed_bytes: killed.iter().map(|s| s.missed_bytes).sum(),

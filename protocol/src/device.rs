@@ -16,11 +16,14 @@ use crate::package::{Manifest, Package, VerifyingKey, check_weights, verify_sign
 use crate::topics::{DownKind, Topics};
 use crate::{Chunk, Complete, Offer, Report, ReportState, sha256_hex};
 
+/// Stored offers with their transfer ids.
+pub type StoredOffers = Vec<([u8; 32], Vec<u8>)>;
+
 /// Where a device keeps transfers: offers, chunks and the final reports of finished transfers.
 /// Errors are readable sentences.
 pub trait TransferStore {
     /// Every stored offer with its transfer id.
-    fn offers(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, String>;
+    fn offers(&self) -> Result<StoredOffers, String>;
     fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String>;
     fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String>;
     /// Indices of the chunks held for a transfer.

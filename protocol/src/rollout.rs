@@ -487,6 +487,11 @@ pub async fn rollout(
     // Devices that answered their offer and wait for a broadcast, since when.
     let mut gather_since: Option<Instant> = None;
     let mut last_answer = Instant::now();
+    // The last report from any device: while reports keep coming the broker is still
+    // delivering a broadcast, and a device that has not spoken yet is not lost.
+    let mut heard_any = Instant::now();
+    // The devices of the broadcast the broker may still be delivering.
+    let mut delivering: Option<Vec<String>> = None;
     let mut tokens = options
         .max_per_minute
         .map(|m| (m.max(1) as f64 / 60.0).max(1.0));
@@ -502,6 +507,7 @@ pub async fn rollout(
             &topics,
             &msg.topic,
             &msg.payload,
+            msg.retain,
             &transfer_hex,
             count,
             &mut devs,
@@ -511,26 +517,9 @@ pub async fn rollout(
     }
 
     loop {
-        // 1. What came in.
-        while let Ok(msg) = conn.incoming.try_recv() {
-            match take_in(
-                &topics,
-                &msg.topic,
-                &msg.payload,
-                &transfer_hex,
-                count,
-                &mut devs,
-                &mut record,
-                progress,
-            ) {
-                Absorbed::Finished => record_dirty = true,
-                Absorbed::Answered => last_answer = Instant::now(),
-                Absorbed::Nothing => {}
-            }
-        }
         let now = Instant::now();
 
-        // 2. Timeouts, abort.
+        // 1. Timeouts, abort.
         for (id, d) in devs.iter_mut() {
             if matches!(d.phase, Phase::Offered | Phase::Receiving)
                 && d.offered_at
@@ -567,7 +556,7 @@ pub async fn rollout(
             }
         }
 
-        // 3. Waves.
+        // 2. Waves.
         if record.halted.is_none() {
             while record.wave < record.waves.len() {
                 let members = &record.waves[record.wave];
@@ -626,7 +615,7 @@ pub async fn rollout(
             ));
         }
 
-        // 4. Offers: devices of open waves, online, within the rate limit.
+        // 3. Offers: devices of open waves, online, within the rate limit.
         if let Some(t) = tokens.as_mut() {
             let per_s = options.max_per_minute.unwrap_or(60) as f64 / 60.0;
             *t = (*t + per_s * now.duration_since(last_refill).as_secs_f64()).min(per_s.max(1.0));
@@ -661,7 +650,7 @@ pub async fn rollout(
             record_dirty = true;
         }
 
-        // 5. Chunks: one broadcast for devices that answered together, repairs one by one.
+        // 4. Chunks: one broadcast for devices that answered together, repairs one by one.
         let done = sender.done();
         round.retain(|_, pos| *pos >= done);
         let mut waiting: Vec<String> = vec![];
@@ -674,10 +663,11 @@ pub async fn rollout(
             let subscribed = d.subscribed;
             let sent = &d.sent;
             d.missing.retain(|i| {
-                !(subscribed && round.contains_key(i))
-                    && !sent.get(i).is_some_and(|(pos, at)| {
-                        *pos >= done || now.duration_since(*at) < Duration::from_secs(1)
-                    })
+                let coming = subscribed && round.contains_key(i);
+                let just_sent = sent.get(i).is_some_and(|(pos, at)| {
+                    *pos >= done || now.duration_since(*at) < Duration::from_secs(1)
+                });
+                !coming && !just_sent
             });
             if !d.missing.is_empty() {
                 waiting.push(id.clone());
@@ -728,6 +718,7 @@ pub async fn rollout(
                     topic: topics.transfer(&transfer_hex, DownKind::Complete),
                     payload: complete.clone(),
                 });
+                delivering = Some(waiting.clone());
                 for id in &waiting {
                     let d = devs.get_mut(id).expect("listed");
                     d.last_send = end;
@@ -768,13 +759,26 @@ pub async fn rollout(
             gather_since = None;
         }
 
-        // 6. Probes: a device quiet after everything meant for it went out.
+        // 5. Probes: a device quiet after everything meant for it went out, once the fleet
+        // has gone quiet too (or after a minute).
+        // A broadcast reaches every device at about the same pace: until one of them has it
+        // all, silence means the broker is still delivering, not that a device is lost.
+        if delivering
+            .as_ref()
+            .is_some_and(|ids| ids.iter().any(|id| devs[id].phase == Phase::Done))
+        {
+            delivering = None;
+        }
+        let fleet_quiet =
+            delivering.is_none() && now.duration_since(heard_any) >= options.probe_after;
         for (id, d) in devs.iter_mut() {
+            let quiet = now.duration_since(d.last_heard);
             if !matches!(d.phase, Phase::Offered | Phase::Receiving)
                 || !d.online
                 || d.last_send >= done
                 || now < d.next_probe
-                || now.duration_since(d.last_heard) < d.probe_every
+                || quiet < d.probe_every
+                || (!fleet_quiet && quiet < Duration::from_secs(60))
             {
                 continue;
             }
@@ -794,7 +798,7 @@ pub async fn rollout(
             d.next_probe = now + d.probe_every;
         }
 
-        // 7. The record; the end.
+        // 6. The record; the end.
         if record_dirty && (record_saved.elapsed() >= Duration::from_secs(1)) {
             save_record(options, &record);
             record_dirty = false;
@@ -812,23 +816,31 @@ pub async fn rollout(
             ));
             break;
         }
-        let tick = if sender.idle() { 100 } else { 20 };
-        if let Ok(Some(msg)) =
-            tokio::time::timeout(Duration::from_millis(tick), conn.incoming.recv()).await
-        {
-            match take_in(
+        // Take in what arrives for one tick, then decide again: the decisions walk every
+        // device, so they run at a fixed rate, not once per message.
+        let tick_end = Instant::now() + Duration::from_millis(25);
+        while let Ok(msg) = tokio::time::timeout_at(tick_end.into(), conn.incoming.recv()).await {
+            let Some(msg) = msg else {
+                return Err(ProtocolError::Mqtt("connection closed".into()));
+            };
+            let absorbed = take_in(
                 &topics,
                 &msg.topic,
                 &msg.payload,
+                msg.retain,
                 &transfer_hex,
                 count,
                 &mut devs,
                 &mut record,
                 progress,
-            ) {
+            );
+            match absorbed {
                 Absorbed::Finished => record_dirty = true,
                 Absorbed::Answered => last_answer = Instant::now(),
-                Absorbed::Nothing => {}
+                Absorbed::Heard | Absorbed::Nothing => {}
+            }
+            if !matches!(absorbed, Absorbed::Nothing) {
+                heard_any = Instant::now();
             }
         }
     }
@@ -907,6 +919,8 @@ fn repair(
 /// What a message changed.
 enum Absorbed {
     Nothing,
+    /// A device said something about the transfer.
+    Heard,
     /// A device answered its offer (or said again what it misses).
     Answered,
     /// A device finished.
@@ -919,6 +933,7 @@ fn take_in(
     topics: &Topics,
     topic: &str,
     payload: &[u8],
+    retained: bool,
     transfer: &str,
     count: u32,
     devs: &mut HashMap<String, Dev>,
@@ -932,8 +947,9 @@ fn take_in(
         if let (Ok(s), Some(d)) = (Status::decode(payload), devs.get_mut(device)) {
             let was = d.online;
             d.online = s.online;
-            if d.phase == Phase::Receiving {
-                // Gone, or (re)connected: either way no longer on the transfer's topic.
+            if d.phase == Phase::Receiving && !retained {
+                // Gone, or (re)connected: either way no longer on the transfer's topic (a
+                // retained status is an old one, replayed to this publisher's subscription).
                 d.subscribed = false;
             }
             if s.online && !was && d.phase == Phase::Offered {
@@ -974,7 +990,7 @@ fn take_in(
     match report.state {
         ReportState::NeedOffer => {
             d.phase = Phase::Waiting;
-            Absorbed::Nothing
+            Absorbed::Heard
         }
         s if s.is_final() => {
             let o = DeviceOutcome {
@@ -996,7 +1012,7 @@ fn take_in(
             d.missing.clear();
             Absorbed::Finished
         }
-        ReportState::Staged => Absorbed::Nothing,
+        ReportState::Staged => Absorbed::Heard,
         _ => {
             if d.phase == Phase::Offered {
                 d.subscribed = true;

@@ -44,7 +44,7 @@ impl SledTransfers {
 }
 
 impl TransferStore for SledTransfers {
-    fn offers(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, String> {
+    fn offers(&self) -> Result<protocol::device::StoredOffers, String> {
         let mut out = vec![];
         for entry in self.transfers.iter() {
             let (key, value) = entry.map_err(|e| e.to_string())?;
