@@ -93,7 +93,9 @@ struct DeviceStats {
     resent_bytes: u64,
     /// Seconds from coming back (or from the start) to its final report.
     final_after_s: Option<f64>,
-    /// Seconds from each lost connection to the next connection.
+    /// Connections after the first (a kill's return not counted).
+    reconnects: u32,
+    /// Seconds from each lost connection to the next connection, where the loss was seen.
     reconnects_s: Vec<f64>,
 }
 
@@ -431,6 +433,9 @@ async fn run_device(mut dev: SimDevice, plan: Plan) -> DeviceStats {
                     }
                     let up = *conn.connected.borrow();
                     if up {
+                        // Connected again (the first connection was awaited above); the loss
+                        // itself is missed when it came and went while the device was busy.
+                        dev.stats.reconnects += 1;
                         if let Some(t) = lost_at.take() {
                             dev.stats.reconnects_s.push(t.elapsed().as_secs_f64());
                         }
@@ -512,6 +517,7 @@ struct Summary {
     /// Slowest final report after a device came back (offline-at-start and killed devices).
     returned_final_max_s: Option<f64>,
     reconnects: usize,
+    devices_reconnected: usize,
     reconnect_max_s: Option<f64>,
     elapsed_s: f64,
     per_device: Vec<DeviceStats>,
@@ -552,7 +558,8 @@ fn summarize(stats: &[DeviceStats], elapsed: Duration) -> Summary {
         killed_resent_bytes: killed.iter().map(|s| s.resent_bytes).sum(),
         offline_at_start: stats.iter().filter(|s| s.offline_at_start).count(),
         returned_final_max_s: returned,
-        reconnects: reconnects.len(),
+        reconnects: stats.iter().map(|s| s.reconnects as usize).sum(),
+        devices_reconnected: stats.iter().filter(|s| s.reconnects > 0).count(),
         reconnect_max_s: reconnects
             .iter()
             .copied()

@@ -186,8 +186,9 @@ impl<S: TransferStore> Receiver<S> {
                 offer,
                 manifest,
                 have,
+                // Past half way already: that report was sent before the restart.
+                half_reported: have_count as usize >= count / 2,
                 have_count,
-                half_reported: false,
             });
         }
         Ok(())
@@ -539,4 +540,213 @@ impl<S: TransferStore> Receiver<S> {
         };
         self.finish(report);
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::*;
+    use crate::package::{SigningKey, WeightsRef};
+    use crate::topics::Target;
+
+    #[derive(Default)]
+    struct Mem {
+        offers: BTreeMap<[u8; 32], Vec<u8>>,
+        chunks: BTreeMap<([u8; 32], u32), Vec<u8>>,
+        finished: HashMap<[u8; 32], Vec<u8>>,
+    }
+
+    impl TransferStore for &mut Mem {
+        fn offers(&self) -> Result<StoredOffers, String> {
+            Ok(self.offers.iter().map(|(k, v)| (*k, v.clone())).collect())
+        }
+        fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
+            self.offers.insert(*id, offer.to_vec());
+            Ok(())
+        }
+        fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String> {
+            self.chunks.insert((*id, index), data.to_vec());
+            Ok(())
+        }
+        fn chunk_indices(&self, id: &[u8; 32]) -> Result<Vec<u32>, String> {
+            Ok(self
+                .chunks
+                .keys()
+                .filter(|k| k.0 == *id)
+                .map(|k| k.1)
+                .collect())
+        }
+        fn weights(&self, id: &[u8; 32], _size: u64) -> Result<Vec<u8>, String> {
+            Ok(self
+                .chunks
+                .iter()
+                .filter(|(k, _)| k.0 == *id)
+                .flat_map(|(_, v)| v.clone())
+                .collect())
+        }
+        fn drop_transfer(&mut self, id: &[u8; 32]) -> Result<(), String> {
+            self.offers.remove(id);
+            self.chunks.retain(|k, _| k.0 != *id);
+            Ok(())
+        }
+        fn finished(&self, id: &[u8; 32]) -> Option<Vec<u8>> {
+            self.finished.get(id).cloned()
+        }
+        fn put_finished(&mut self, id: &[u8; 32], report: &[u8]) {
+            self.finished.insert(*id, report.to_vec());
+        }
+        fn remove_finished(&mut self, id: &[u8; 32]) {
+            self.finished.remove(id);
+        }
+        fn flush(&mut self) {}
+    }
+
+    struct Inst {
+        active: Option<u64>,
+        installed: usize,
+    }
+
+    impl Installer for Inst {
+        fn check(&self, m: &Manifest, _offer: &Offer) -> Result<(), String> {
+            match self.active {
+                Some(a) if m.version < a => Err("downgrade".into()),
+                _ => Ok(()),
+            }
+        }
+        fn active_version(&self) -> Option<u64> {
+            self.active
+        }
+        async fn install(&mut self, m: &Manifest, p: Package, _staged: Report) -> Installed {
+            check_weights(m, &p.weights).unwrap();
+            self.installed += 1;
+            self.active = Some(m.version);
+            Installed::Activated
+        }
+    }
+
+    fn package(key: &SigningKey, size: usize) -> Package {
+        let weights: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let manifest = Manifest {
+            format: crate::package::MANIFEST_FORMAT,
+            id: "m".into(),
+            version: 2,
+            created_unix: 0,
+            architecture: serde_json::json!({}),
+            classes: vec![],
+            input: crate::package::InputSpec {
+                width: 1,
+                height: 1,
+                channels: 3,
+                resize: "stretch".into(),
+            },
+            quantization: "none".into(),
+            pruning: None,
+            metrics: Default::default(),
+            weights: WeightsRef {
+                format: "safetensors".into(),
+                sha256: crate::sha256_hex(&weights),
+                size: size as u64,
+            },
+            min_edge_version: "0.0.0".into(),
+            golden: vec![],
+            golden_tolerance: Default::default(),
+        };
+        Package::build(&manifest, weights, key).unwrap()
+    }
+
+    fn reports(out: &[Outbound]) -> Vec<(ReportState, u32, Vec<[u32; 2]>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outbound::Report(r) => Some((r.state, r.have, r.missing.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn four_reports_resume_after_restart_and_a_repeated_offer_is_answered() {
+        let key = crate::package::generate_key().unwrap();
+        let pkg = package(&key, 20 * MIN);
+        let topics = Topics::new("t").unwrap();
+        let offer = crate::rollout::offer_for(&pkg, &Target::Fleet, MIN).unwrap();
+        let id = crate::messages::transfer_id(&offer.transfer).unwrap();
+        let frames: Vec<Vec<u8>> = pkg
+            .weights
+            .chunks(MIN)
+            .enumerate()
+            .map(|(i, data)| {
+                Chunk {
+                    transfer: id,
+                    index: i as u32,
+                    count: 20,
+                    data,
+                }
+                .encode()
+            })
+            .collect();
+        let mut mem = Mem::default();
+        let mut inst = Inst {
+            active: Some(1),
+            installed: 0,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let trusted = vec![key.verifying_key()];
+            {
+                let mut rx = Receiver::new("d", topics.clone(), trusted.clone(), &mut mem);
+                rx.on_offer(offer.clone(), &mut inst).await;
+                for f in &frames[..12] {
+                    rx.on_chunk(f, &mut inst).await;
+                }
+                let out = rx.take_outbound();
+                assert_eq!(
+                    out[0],
+                    Outbound::Subscribe(topics.transfer_filter(&offer.transfer))
+                );
+                assert_eq!(
+                    reports(&out),
+                    vec![
+                        (ReportState::Receiving, 0, vec![[0, 19]]),
+                        (ReportState::Receiving, 10, vec![]),
+                    ]
+                );
+            }
+            // A restart: a new receiver on the same store resumes at chunk 12.
+            let mut rx = Receiver::new("d", topics.clone(), trusted, &mut mem);
+            rx.restore(&inst).unwrap();
+            rx.on_connected();
+            assert_eq!(
+                reports(&rx.take_outbound()),
+                vec![(ReportState::Receiving, 12, vec![[12, 19]])]
+            );
+            // A corrupted chunk is asked for again and not stored.
+            let mut bad = frames[12].clone();
+            *bad.last_mut().unwrap() ^= 1;
+            rx.on_chunk(&bad, &mut inst).await;
+            assert_eq!(
+                reports(&rx.take_outbound()),
+                vec![(ReportState::Receiving, 12, vec![[12, 12]])]
+            );
+            for f in &frames[12..] {
+                rx.on_chunk(f, &mut inst).await;
+            }
+            assert_eq!(
+                reports(&rx.take_outbound()),
+                vec![(ReportState::Activated, 0, vec![])]
+            );
+            assert_eq!(inst.installed, 1);
+            // The same offer again gets the stored answer; nothing is installed twice.
+            rx.on_offer(offer.clone(), &mut inst).await;
+            assert_eq!(
+                reports(&rx.take_outbound()),
+                vec![(ReportState::Activated, 0, vec![])]
+            );
+            assert_eq!(inst.installed, 1);
+        });
+    }
+
+    const MIN: usize = crate::messages::MIN_CHUNK;
 }
