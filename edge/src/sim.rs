@@ -9,12 +9,10 @@
 //! `--run-s`) and prints a JSON summary on stdout: activations, failures, reports per device,
 //! chunk bytes received, what killed devices missed and were sent again, reconnect times.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use protocol::device::{Installed, Installer, Outbound, Receiver, TransferStore};
+use protocol::device::{Installed, Installer, MemoryStore, Outbound, Receiver, SharedChunks};
 use protocol::messages::Message;
 use protocol::mqtt::{BrokerConfig, Connection};
 use protocol::package::{Manifest, Package, VerifyingKey, parse_public_key};
@@ -99,70 +97,6 @@ struct DeviceStats {
     reconnects_s: Vec<f64>,
 }
 
-/// Chunks held by the simulated devices: one copy of each, shared.
-#[derive(Default)]
-struct SharedChunks {
-    data: HashMap<([u8; 32], u32), Arc<Vec<u8>>>,
-}
-
-/// One device's transfers, in memory (they survive a simulated kill, like sled on disk).
-struct SimStore {
-    shared: Arc<Mutex<SharedChunks>>,
-    offers: HashMap<[u8; 32], Vec<u8>>,
-    have: HashMap<[u8; 32], BTreeSet<u32>>,
-    finished: HashMap<[u8; 32], Vec<u8>>,
-}
-
-impl TransferStore for SimStore {
-    fn offers(&self) -> Result<protocol::device::StoredOffers, String> {
-        Ok(self.offers.iter().map(|(k, v)| (*k, v.clone())).collect())
-    }
-    fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
-        self.offers.insert(*id, offer.to_vec());
-        Ok(())
-    }
-    fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String> {
-        self.shared
-            .lock()
-            .expect("lock")
-            .data
-            .entry((*id, index))
-            .or_insert_with(|| Arc::new(data.to_vec()));
-        self.have.entry(*id).or_default().insert(index);
-        Ok(())
-    }
-    fn chunk_indices(&self, id: &[u8; 32]) -> Result<Vec<u32>, String> {
-        Ok(self
-            .have
-            .get(id)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default())
-    }
-    fn weights(&self, id: &[u8; 32], size: u64) -> Result<Vec<u8>, String> {
-        let shared = self.shared.lock().expect("lock");
-        let mut out = Vec::with_capacity(size as usize);
-        for i in self.have.get(id).into_iter().flatten() {
-            out.extend_from_slice(&shared.data[&(*id, *i)]);
-        }
-        Ok(out)
-    }
-    fn drop_transfer(&mut self, id: &[u8; 32]) -> Result<(), String> {
-        self.offers.remove(id);
-        self.have.remove(id);
-        Ok(())
-    }
-    fn finished(&self, id: &[u8; 32]) -> Option<Vec<u8>> {
-        self.finished.get(id).cloned()
-    }
-    fn put_finished(&mut self, id: &[u8; 32], report: &[u8]) {
-        self.finished.insert(*id, report.to_vec());
-    }
-    fn remove_finished(&mut self, id: &[u8; 32]) {
-        self.finished.remove(id);
-    }
-    fn flush(&mut self) {}
-}
-
 /// Activation without a detector: the package was verified (signature, digest) by the
 /// receiver; the self-test passes unless this device is set to fail it.
 struct SimInstaller {
@@ -210,7 +144,7 @@ struct SimDevice {
     line: String,
     groups: Vec<String>,
     topics: Topics,
-    receiver: Receiver<SimStore>,
+    receiver: Receiver<MemoryStore>,
     installer: SimInstaller,
     stats: DeviceStats,
 }
@@ -324,18 +258,13 @@ pub fn run(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let shared = Arc::new(Mutex::new(SharedChunks::default()));
+    let shared = SharedChunks::default();
     let start = Instant::now();
     let stats = runtime.block_on(async {
         let mut tasks = vec![];
         for i in 0..args.devices {
             let id = format!("{}-{i:04}", args.prefix);
-            let store = SimStore {
-                shared: shared.clone(),
-                offers: HashMap::new(),
-                have: HashMap::new(),
-                finished: HashMap::new(),
-            };
+            let store = MemoryStore::new(shared.clone());
             let device = SimDevice {
                 line: format!("line{}", i % 20),
                 groups: args.groups.clone(),

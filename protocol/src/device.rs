@@ -9,7 +9,9 @@
 //! own topic ([`Topics::transfer`]), where the publisher broadcasts the chunks once to every
 //! device that answered the offer.
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use crate::messages::{Message, to_ranges, transfer_hex, transfer_id};
 use crate::package::{Manifest, Package, VerifyingKey, check_weights, verify_signature};
@@ -37,6 +39,82 @@ pub trait TransferStore {
     fn remove_finished(&mut self, id: &[u8; 32]);
     /// Makes what was stored durable (called at every tenth of a transfer).
     fn flush(&mut self);
+}
+
+/// Chunk data shared by the [`MemoryStore`]s of many simulated devices: one copy of each chunk.
+pub type SharedChunks = Arc<Mutex<HashMap<([u8; 32], u32), Arc<Vec<u8>>>>>;
+
+/// Transfers kept in memory (the fleet simulator's devices, tests): they survive whatever the
+/// process keeps the store through, like a device's disk through a power loss.
+#[derive(Default)]
+pub struct MemoryStore {
+    shared: SharedChunks,
+    offers: HashMap<[u8; 32], Vec<u8>>,
+    have: HashMap<[u8; 32], BTreeSet<u32>>,
+    finished: HashMap<[u8; 32], Vec<u8>>,
+}
+
+impl MemoryStore {
+    /// A store whose chunk data lives in `shared` (one copy for every store that shares it).
+    pub fn new(shared: SharedChunks) -> Self {
+        Self {
+            shared,
+            ..Default::default()
+        }
+    }
+}
+
+impl TransferStore for MemoryStore {
+    fn offers(&self) -> Result<StoredOffers, String> {
+        Ok(self.offers.iter().map(|(k, v)| (*k, v.clone())).collect())
+    }
+    fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
+        self.offers.insert(*id, offer.to_vec());
+        Ok(())
+    }
+    fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String> {
+        self.shared
+            .lock()
+            .map_err(|_| "chunk cache poisoned")?
+            .entry((*id, index))
+            .or_insert_with(|| Arc::new(data.to_vec()));
+        self.have.entry(*id).or_default().insert(index);
+        Ok(())
+    }
+    fn chunk_indices(&self, id: &[u8; 32]) -> Result<Vec<u32>, String> {
+        Ok(self
+            .have
+            .get(id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default())
+    }
+    fn weights(&self, id: &[u8; 32], size: u64) -> Result<Vec<u8>, String> {
+        let shared = self.shared.lock().map_err(|_| "chunk cache poisoned")?;
+        let mut out = Vec::with_capacity(size as usize);
+        for i in self.have.get(id).into_iter().flatten() {
+            out.extend_from_slice(
+                shared
+                    .get(&(*id, *i))
+                    .ok_or("chunk missing from the cache")?,
+            );
+        }
+        Ok(out)
+    }
+    fn drop_transfer(&mut self, id: &[u8; 32]) -> Result<(), String> {
+        self.offers.remove(id);
+        self.have.remove(id);
+        Ok(())
+    }
+    fn finished(&self, id: &[u8; 32]) -> Option<Vec<u8>> {
+        self.finished.get(id).cloned()
+    }
+    fn put_finished(&mut self, id: &[u8; 32], report: &[u8]) {
+        self.finished.insert(*id, report.to_vec());
+    }
+    fn remove_finished(&mut self, id: &[u8; 32]) {
+        self.finished.remove(id);
+    }
+    fn flush(&mut self) {}
 }
 
 /// How installing a verified package ended.
@@ -134,6 +212,11 @@ impl<S: TransferStore> Receiver<S> {
 
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.store
+    }
+
+    /// The store back (a device that restarts opens a new receiver on it).
+    pub fn into_store(self) -> S {
+        self.store
     }
 
     /// What to send and (un)subscribe since the last call.
@@ -544,63 +627,9 @@ impl<S: TransferStore> Receiver<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashMap};
-
     use super::*;
     use crate::package::{SigningKey, WeightsRef};
     use crate::topics::Target;
-
-    #[derive(Default)]
-    struct Mem {
-        offers: BTreeMap<[u8; 32], Vec<u8>>,
-        chunks: BTreeMap<([u8; 32], u32), Vec<u8>>,
-        finished: HashMap<[u8; 32], Vec<u8>>,
-    }
-
-    impl TransferStore for &mut Mem {
-        fn offers(&self) -> Result<StoredOffers, String> {
-            Ok(self.offers.iter().map(|(k, v)| (*k, v.clone())).collect())
-        }
-        fn put_offer(&mut self, id: &[u8; 32], offer: &[u8]) -> Result<(), String> {
-            self.offers.insert(*id, offer.to_vec());
-            Ok(())
-        }
-        fn put_chunk(&mut self, id: &[u8; 32], index: u32, data: &[u8]) -> Result<(), String> {
-            self.chunks.insert((*id, index), data.to_vec());
-            Ok(())
-        }
-        fn chunk_indices(&self, id: &[u8; 32]) -> Result<Vec<u32>, String> {
-            Ok(self
-                .chunks
-                .keys()
-                .filter(|k| k.0 == *id)
-                .map(|k| k.1)
-                .collect())
-        }
-        fn weights(&self, id: &[u8; 32], _size: u64) -> Result<Vec<u8>, String> {
-            Ok(self
-                .chunks
-                .iter()
-                .filter(|(k, _)| k.0 == *id)
-                .flat_map(|(_, v)| v.clone())
-                .collect())
-        }
-        fn drop_transfer(&mut self, id: &[u8; 32]) -> Result<(), String> {
-            self.offers.remove(id);
-            self.chunks.retain(|k, _| k.0 != *id);
-            Ok(())
-        }
-        fn finished(&self, id: &[u8; 32]) -> Option<Vec<u8>> {
-            self.finished.get(id).cloned()
-        }
-        fn put_finished(&mut self, id: &[u8; 32], report: &[u8]) {
-            self.finished.insert(*id, report.to_vec());
-        }
-        fn remove_finished(&mut self, id: &[u8; 32]) {
-            self.finished.remove(id);
-        }
-        fn flush(&mut self) {}
-    }
 
     struct Inst {
         active: Option<u64>,
@@ -685,7 +714,7 @@ mod tests {
                 .encode()
             })
             .collect();
-        let mut mem = Mem::default();
+        let mem = MemoryStore::default();
         let mut inst = Inst {
             active: Some(1),
             installed: 0,
@@ -695,8 +724,8 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let trusted = vec![key.verifying_key()];
-            {
-                let mut rx = Receiver::new("d", topics.clone(), trusted.clone(), &mut mem);
+            let mem = {
+                let mut rx = Receiver::new("d", topics.clone(), trusted.clone(), mem);
                 rx.on_offer(offer.clone(), &mut inst).await;
                 for f in &frames[..12] {
                     rx.on_chunk(f, &mut inst).await;
@@ -713,9 +742,10 @@ mod tests {
                         (ReportState::Receiving, 10, vec![]),
                     ]
                 );
-            }
+                rx.into_store()
+            };
             // A restart: a new receiver on the same store resumes at chunk 12.
-            let mut rx = Receiver::new("d", topics.clone(), trusted, &mut mem);
+            let mut rx = Receiver::new("d", topics.clone(), trusted, mem);
             rx.restore(&inst).unwrap();
             rx.on_connected();
             assert_eq!(

@@ -56,53 +56,30 @@ impl Sim {
     }
 }
 
-/// Waits until `n` simulated devices have published their retained status.
-fn wait_devices(w: &Watcher, prefix: &str, n: usize) {
+/// A broker and `n` simulated devices PREFIX-0000, PREFIX-0001, ... started with `args`, each
+/// with its retained status published.
+fn fleet(n: usize, prefix: &str, args: &[&str]) -> (tempfile::TempDir, Broker, Sim) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let w = Watcher::start(broker.port);
+    let mut all = vec!["--prefix", prefix];
+    all.extend_from_slice(args);
+    let sim = Sim::start(&broker, n, &all);
     for i in 0..n {
         w.wait_status(&format!("{prefix}-{i:04}"), Duration::from_secs(60), |_| {
             true
         });
     }
-}
-
-fn publish(broker: &Broker, args: &[&str]) -> (bool, String) {
-    let (package, key) = factory();
-    let addr = broker.addr();
-    let mut all = vec![
-        "publish",
-        &package,
-        "--broker",
-        &addr,
-        "--site",
-        "test",
-        "--verify-with",
-        key.to_str().unwrap(),
-        "--chunk-kib",
-        "64",
-    ];
-    all.extend_from_slice(args);
-    run("trainer", &all)
-}
-
-fn device<'a>(summary: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    summary["per_device"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == id)
-        .unwrap_or_else(|| panic!("no {id} in the summary"))
+    (dir, broker, sim)
 }
 
 #[test]
 fn waves_in_order_killed_devices_resume_and_reports_stay_few() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
     let n = 40;
     // 10% of the devices lose power half way through and are back 3 s later.
-    let sim = Sim::start(
-        &broker,
+    let (_dir, broker, sim) = fleet(
         n,
+        "sim",
         &[
             "--kill",
             "10",
@@ -114,7 +91,6 @@ fn waves_in_order_killed_devices_resume_and_reports_stay_few() {
             "120",
         ],
     );
-    wait_devices(&w, "sim", n);
     let (ok, out) = publish(
         &broker,
         &[
@@ -157,16 +133,8 @@ fn waves_in_order_killed_devices_resume_and_reports_stay_few() {
 
 #[test]
 fn abort_threshold_stops_the_rollout_before_its_last_wave() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
     let n = 40;
-    let sim = Sim::start(
-        &broker,
-        n,
-        &["--fail-selftest", "30", "--run-s", "20", "--prefix", "ab"],
-    );
-    wait_devices(&w, "ab", n);
+    let (_dir, broker, sim) = fleet(n, "ab", &["--fail-selftest", "30", "--run-s", "20"]);
     let (ok, out) = publish(
         &broker,
         &[
@@ -206,25 +174,12 @@ fn abort_threshold_stops_the_rollout_before_its_last_wave() {
 
 #[test]
 fn offline_devices_are_served_when_back_by_a_restarted_publisher() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let w = Watcher::start(broker.port);
     let n = 20;
-    let sim = Sim::start(
-        &broker,
+    let (dir, broker, sim) = fleet(
         n,
-        &[
-            "--offline",
-            "15",
-            "--offline-s",
-            "12",
-            "--prefix",
-            "off",
-            "--run-s",
-            "120",
-        ],
+        "off",
+        &["--offline", "15", "--offline-s", "12", "--run-s", "120"],
     );
-    wait_devices(&w, "off", n);
     let record = dir.path().join("rollout.json");
     let record = record.to_str().unwrap();
     // The first publisher serves who is there and stops (its timeout) before the rest return.
