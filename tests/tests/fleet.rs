@@ -73,6 +73,34 @@ fn fleet(n: usize, prefix: &str, args: &[&str]) -> (tempfile::TempDir, Broker, S
     (dir, broker, sim)
 }
 
+fn publish(broker: &Broker, args: &[&str]) -> (bool, String) {
+    let (package, key) = factory();
+    let addr = broker.addr();
+    let mut all = vec![
+        "publish",
+        &package,
+        "--broker",
+        &addr,
+        "--site",
+        "test",
+        "--verify-with",
+        key.to_str().unwrap(),
+        "--chunk-kib",
+        "64",
+    ];
+    all.extend_from_slice(args);
+    run("trainer", &all)
+}
+
+fn device<'a>(summary: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    summary["per_device"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in the summary"))
+}
+
 #[test]
 fn waves_in_order_killed_devices_resume_and_reports_stay_few() {
     let n = 40;
