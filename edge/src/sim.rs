@@ -26,6 +26,7 @@ pub struct Args {
     /// Broker, HOST:PORT.
     #[arg(long)]
     broker: String,
+    /// Site: the first level of the devices' topics.
     #[arg(long)]
     site: String,
     /// How many devices.
