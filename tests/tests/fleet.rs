@@ -187,7 +187,7 @@ fn abort_threshold_stops_the_rollout_before_its_last_wave() {
     // Devices of the last wave never heard of the package.
     let last: Vec<&str> = out
         .lines()
-        .skip_while(|l| !l.starts_with("wave 3/3"))
+        .skip_while(|l| *l != "wave 3/3 (60%):")
         .skip(1)
         .take_while(|l| l.starts_with("  "))
         .map(|l| l.trim().split(':').next().unwrap())

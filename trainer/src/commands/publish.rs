@@ -132,15 +132,62 @@ pub fn run(args: Args) -> Result<()> {
         report.bytes_sent as f64 / 1e6 / secs.max(1e-9),
         report.repair_bytes
     );
+    print!("{}", final_table(&report));
+    if let Some(why) = &report.halted {
+        anyhow::bail!("rollout of v{} halted: {why}", report.version);
+    }
+    if !report.succeeded() {
+        anyhow::bail!(
+            "rollout of v{} did not succeed on every device",
+            report.version
+        );
+    }
+    println!("v{} active on every device", report.version);
+    Ok(())
+}
+
+/// Per wave: devices, activated, failed, no answer; then every device that did not activate
+/// (every device, in a rollout of 20 or fewer).
+fn final_table(report: &protocol::rollout::RolloutReport) -> String {
+    use std::fmt::Write;
+    let total: usize = report.waves.iter().map(|w| w.devices.len()).sum();
+    let width = report
+        .waves
+        .iter()
+        .map(|w| w.label.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<width$}  {:>7}  {:>9}  {:>6}  {:>9}\n",
+        "wave", "devices", "activated", "failed", "no answer"
+    );
     for wave in &report.waves {
         let activated = wave.devices.iter().filter(|d| d.succeeded()).count();
-        println!(
-            "{}: {activated} of {} activated",
+        let unanswered = wave.devices.iter().filter(|d| d.state.is_none()).count();
+        let failed = wave.devices.len() - activated - unanswered;
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>7}  {:>9}  {:>6}  {:>9}",
             wave.label,
-            wave.devices.len()
+            wave.devices.len(),
+            activated,
+            failed,
+            unanswered
         );
-        for d in &wave.devices {
-            println!(
+    }
+    for wave in &report.waves {
+        let shown: Vec<_> = wave
+            .devices
+            .iter()
+            .filter(|d| total <= 20 || !d.succeeded())
+            .collect();
+        if !shown.is_empty() {
+            let _ = writeln!(out, "{}:", wave.label);
+        }
+        for d in shown {
+            let _ = writeln!(
+                out,
                 "  {}: {}{}",
                 d.device,
                 d.state
@@ -153,15 +200,5 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    if let Some(why) = &report.halted {
-        anyhow::bail!("rollout of v{} halted: {why}", report.version);
-    }
-    if !report.succeeded() {
-        anyhow::bail!(
-            "rollout of v{} did not succeed on every device",
-            report.version
-        );
-    }
-    println!("v{} active on every device", report.version);
-    Ok(())
+    out
 }

@@ -7,6 +7,10 @@
 //! start are served when their status says they are back. With a record file the publisher can
 //! be restarted and continue the same rollout.
 
+mod fleet;
+mod plan;
+mod record;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,10 +22,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::messages::{Chunk, Complete, Message, Offer, Report, ReportState, Status, from_ranges};
-use crate::mqtt::{BrokerConfig, Connection};
+use crate::mqtt::{BrokerConfig, Connection, Incoming};
 use crate::package::{Manifest, Package, VerifyingKey};
 use crate::topics::{DownKind, Target, Topics, UpKind};
 use crate::{ProtocolError, sha256_hex};
+use fleet::{BUCKETS, Bucket, Dev, Fleet, Phase};
+use plan::{plan_waves, wave_labels};
+use record::{Journal, Plan, Record};
 
 /// One wave of a rollout plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -170,47 +177,6 @@ pub fn offer_for(
     })
 }
 
-/// Where a device is in the rollout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Phase {
-    /// Not offered yet (its wave has not started, the rate limit, or it is offline).
-    Waiting,
-    Offered,
-    Receiving,
-    Done,
-}
-
-struct Dev {
-    online: bool,
-    phase: Phase,
-    outcome: Option<DeviceOutcome>,
-    offered_at: Option<Instant>,
-    last_heard: Instant,
-    next_probe: Instant,
-    probe_every: Duration,
-    /// Chunks the device said it misses that no queued send covers yet.
-    missing: BTreeSet<u32>,
-    /// Whether it listens on the transfer's topic: it answered an offer (it subscribes before
-    /// answering) and has not reconnected since (it does not subscribe again then).
-    subscribed: bool,
-    /// Chunks sent to it on its own topic: queue position and when.
-    sent: HashMap<u32, (u64, Instant)>,
-    /// Queue position of the last send meant for it (chunks or probe).
-    last_send: u64,
-}
-
-/// The durable part of a rollout (`RolloutOptions::record`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Record {
-    transfer: String,
-    target: String,
-    waves: Vec<Vec<String>>,
-    wave: usize,
-    halted: Option<String>,
-    finished: BTreeMap<String, DeviceOutcome>,
-}
-
 /// What the send task publishes, in order.
 enum Job {
     Chunk { topic: String, index: u32 },
@@ -293,7 +259,64 @@ impl Sender {
     }
 }
 
+/// The retained statuses of a site's devices, read until they stop coming (at most `longest`).
+pub async fn fleet_statuses(
+    broker: &BrokerConfig,
+    site: &str,
+    longest: Duration,
+) -> Result<BTreeMap<String, Status>, ProtocolError> {
+    let topics = Topics::new(site)?;
+    let client_id = format!("fleet-{}-{}", std::process::id(), crate::unix_now_ms());
+    let mut mqtt_options = broker.options(&client_id)?;
+    mqtt_options.set_clean_session(true);
+    let mut conn = Connection::start_publisher(
+        mqtt_options,
+        vec![(topics.up_all(UpKind::Status), QoS::AtLeastOnce)],
+    );
+    conn.wait_connected(Duration::from_secs(15)).await?;
+    let (statuses, _) = discover(&mut conn, &topics, longest).await?;
+    conn.close().await;
+    Ok(statuses)
+}
+
+/// Who is there: retained statuses arrive at once after the subscription; stop listening when
+/// they stop coming. Reports that arrive meanwhile are kept for the rollout.
+async fn discover(
+    conn: &mut Connection,
+    topics: &Topics,
+    longest: Duration,
+) -> Result<(BTreeMap<String, Status>, Vec<Incoming>), ProtocolError> {
+    let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
+    let mut early_reports = vec![];
+    let until = Instant::now() + longest;
+    let mut quiet = Duration::from_millis(1000);
+    loop {
+        let wake = (Instant::now() + quiet).min(until);
+        match tokio::time::timeout_at(wake.into(), conn.incoming.recv()).await {
+            Ok(Some(msg)) => {
+                match topics.parse_up(&msg.topic) {
+                    Some((_, device, UpKind::Status)) => match Status::decode(&msg.payload) {
+                        Ok(s) if s.device == device => {
+                            statuses.insert(device.to_string(), s);
+                        }
+                        Ok(_) => tracing::warn!("{}: status names another device", msg.topic),
+                        Err(e) => tracing::warn!("{}: {e}", msg.topic),
+                    },
+                    Some((_, _, UpKind::Report)) => early_reports.push(msg),
+                    _ => {}
+                }
+                quiet = Duration::from_millis(300);
+            }
+            Ok(None) => return Err(ProtocolError::Mqtt("connection closed".into())),
+            Err(_) => break,
+        }
+    }
+    Ok((statuses, early_reports))
+}
+
 /// Publishes `package` (verified first against `trusted`, when given) and runs the rollout.
+/// `progress` hears the waves, the devices that fail, and every two seconds the open waves'
+/// counts while they change.
 pub async fn rollout(
     broker: &BrokerConfig,
     package: &Package,
@@ -322,34 +345,7 @@ pub async fn rollout(
         ],
     );
     conn.wait_connected(Duration::from_secs(15)).await?;
-
-    // Who is there: retained statuses arrive at once after the subscription; stop listening
-    // when they stop coming.
-    let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
-    let mut early_reports = vec![];
-    let until = Instant::now() + options.discovery;
-    let mut quiet = Duration::from_millis(1000);
-    loop {
-        let wake = (Instant::now() + quiet).min(until);
-        match tokio::time::timeout_at(wake.into(), conn.incoming.recv()).await {
-            Ok(Some(msg)) => {
-                match topics.parse_up(&msg.topic) {
-                    Some((_, device, UpKind::Status)) => match Status::decode(&msg.payload) {
-                        Ok(s) if s.device == device => {
-                            statuses.insert(device.to_string(), s);
-                        }
-                        Ok(_) => tracing::warn!("{}: status names another device", msg.topic),
-                        Err(e) => tracing::warn!("{}: {e}", msg.topic),
-                    },
-                    Some((_, _, UpKind::Report)) => early_reports.push(msg),
-                    _ => {}
-                }
-                quiet = Duration::from_millis(300);
-            }
-            Ok(None) => return Err(ProtocolError::Mqtt("connection closed".into())),
-            Err(_) => break,
-        }
-    }
+    let (statuses, early_reports) = discover(&mut conn, &topics, options.discovery).await?;
 
     let offer = offer_for(package, &options.target, chunk_size)?;
     let transfer_hex = offer.transfer.clone();
@@ -358,33 +354,27 @@ pub async fn rollout(
 
     // The plan: from the record when it is this rollout's, else from the statuses.
     let previous = match &options.record {
-        Some(path) if path.exists() => {
-            let text = std::fs::read_to_string(path).map_err(|e| ProtocolError::Io {
-                path: path.display().to_string(),
-                source: e,
-            })?;
-            let record: Record = serde_json::from_str(&text).map_err(|e| {
-                ProtocolError::Invalid(format!("rollout record {}: {e}", path.display()))
-            })?;
-            if record.transfer != transfer_hex || record.target != options.target.to_string() {
-                return Err(ProtocolError::Invalid(format!(
-                    "rollout record {} is of another rollout (transfer {}, target {}): \
-                     remove it or name another --record",
-                    path.display(),
-                    &record.transfer[..16.min(record.transfer.len())],
-                    record.target
-                )));
-            }
-            Some(record)
-        }
-        _ => None,
+        Some(path) => Record::read(path)?,
+        None => None,
     };
-    let mut record = match previous {
+    if let (Some(r), Some(path)) = (&previous, &options.record)
+        && (r.plan.transfer != transfer_hex || r.plan.target != options.target.to_string())
+    {
+        return Err(ProtocolError::Invalid(format!(
+            "rollout record {} is of another rollout (transfer {}, target {}): \
+             remove it or name another --record",
+            path.display(),
+            &r.plan.transfer[..16.min(r.plan.transfer.len())],
+            r.plan.target
+        )));
+    }
+    let existing = previous.is_some();
+    let record = match previous {
         Some(r) => {
             progress(&format!(
                 "continuing the recorded rollout: wave {}/{}, {} device(s) finished",
                 r.wave + 1,
-                r.waves.len(),
+                r.plan.waves.len(),
                 r.finished.len()
             ));
             r
@@ -404,63 +394,56 @@ pub async fn rollout(
                     options.target
                 )));
             }
-            Record {
+            Record::new(Plan {
                 transfer: transfer_hex.clone(),
                 target: options.target.to_string(),
                 waves: plan_waves(&members, &options.waves, &statuses),
-                wave: 0,
-                halted: None,
-                finished: BTreeMap::new(),
-            }
+            })
         }
     };
-    let wave_labels = wave_labels(&options.waves, record.waves.len());
-
-    let now = Instant::now();
-    let mut devs: HashMap<String, Dev> = HashMap::new();
-    for ids in record.waves.iter() {
-        for id in ids {
-            let outcome = record.finished.get(id).cloned();
-            devs.insert(
-                id.clone(),
-                Dev {
-                    // A device addressed by id without a status yet is tried at once.
-                    online: statuses.get(id).is_none_or(|s| s.online),
-                    phase: if outcome.is_some() {
-                        Phase::Done
-                    } else {
-                        Phase::Waiting
-                    },
-                    outcome,
-                    offered_at: None,
-                    last_heard: now,
-                    next_probe: now,
-                    probe_every: options.probe_after,
-                    missing: BTreeSet::new(),
-                    subscribed: false,
-                    sent: HashMap::new(),
-                    last_send: 0,
-                },
-            );
-        }
-    }
+    let mut journal = match &options.record {
+        Some(path) => Journal::open(path, &record, existing)?,
+        None => Journal::none(),
+    };
+    let waves = &record.plan.waves;
+    let mut wave = record.wave;
+    let mut halted = record.halted.clone();
+    let labels = wave_labels(&options.waves, waves.len());
+    let mut fleet = Fleet::new(
+        waves.len(),
+        waves
+            .iter()
+            .enumerate()
+            .flat_map(|(w, ids)| ids.iter().map(move |id| (w, id)))
+            .map(|(w, id)| {
+                // A device addressed by id without a status yet is tried at once.
+                let online = statuses.get(id).is_none_or(|s| s.online);
+                let mut d = Dev::new(id, w, online, record.finished.get(id).cloned());
+                d.probe_every = options.probe_after;
+                d
+            })
+            .collect(),
+    );
     progress(&format!(
         "rolling out {} v{} ({} bytes in {count} chunks of {} KiB) to {} device(s) of {} in {} wave(s): {}",
         manifest.id,
         manifest.version,
         package.weights.len(),
         chunk_size >> 10,
-        devs.len(),
+        fleet.len(),
         options.target,
-        record.waves.len(),
-        record
-            .waves
+        waves.len(),
+        waves
             .iter()
-            .zip(&wave_labels)
+            .zip(&labels)
             .map(|(w, l)| format!("{l} {}", w.len()))
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let tell = Tell {
+        progress,
+        each_device: fleet.len() <= 20,
+    };
 
     let pieces: Arc<Vec<Vec<u8>>> = Arc::new(
         package
@@ -491,127 +474,119 @@ pub async fn rollout(
     // delivering a broadcast, and a device that has not spoken yet is not lost.
     let mut heard_any = Instant::now();
     // The devices of the broadcast the broker may still be delivering.
-    let mut delivering: Option<Vec<String>> = None;
+    let mut delivering: Option<Vec<usize>> = None;
     let mut tokens = options
         .max_per_minute
         .map(|m| (m.max(1) as f64 / 60.0).max(1.0));
     let mut last_refill = Instant::now();
     let mut repair_bytes = 0u64;
-    let mut record_dirty = true;
-    let mut record_saved = Instant::now() - Duration::from_secs(10);
     let mut wave_announced: Option<usize> = None;
     let deadline = start + options.timeout;
+    // Timeouts, probes and progress walk the devices in flight: four times a second, not on
+    // every tick.
+    let mut slow_due = Instant::now();
+    let mut told: Vec<[usize; BUCKETS]> = vec![[0; BUCKETS]; waves.len()];
+    let mut tell_due = Instant::now() + Duration::from_secs(2);
 
     for msg in early_reports {
         take_in(
             &topics,
-            &msg.topic,
-            &msg.payload,
-            msg.retain,
+            &msg,
             &transfer_hex,
             count,
-            &mut devs,
-            &mut record,
-            progress,
+            &mut fleet,
+            &mut journal,
+            &tell,
         );
     }
 
     loop {
         let now = Instant::now();
+        let slow = now >= slow_due;
+        if slow {
+            slow_due = now + Duration::from_millis(250);
+        }
 
         // 1. Timeouts, abort.
-        for (id, d) in devs.iter_mut() {
-            if matches!(d.phase, Phase::Offered | Phase::Receiving)
-                && d.offered_at
-                    .is_some_and(|t| now.duration_since(t) >= options.device_timeout)
-            {
-                let o = DeviceOutcome {
-                    device: id.clone(),
-                    state: None,
-                    reason: Some(format!(
-                        "timed out: no final report {} s after the offer",
-                        options.device_timeout.as_secs()
-                    )),
-                };
-                progress(&format!("{id}: timed out"));
-                record.finished.insert(id.clone(), o.clone());
-                d.outcome = Some(o);
-                d.phase = Phase::Done;
-                record_dirty = true;
+        if slow {
+            let expired: Vec<usize> = fleet
+                .active
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    fleet.devs[i]
+                        .offered_at
+                        .is_some_and(|t| now.duration_since(t) >= options.device_timeout)
+                })
+                .collect();
+            for i in expired {
+                let reason = format!(
+                    "timed out: no final report {} s after the offer",
+                    options.device_timeout.as_secs()
+                );
+                finish(&mut fleet, &mut journal, i, None, Some(reason), &tell);
             }
         }
-        if record.halted.is_none()
+        if halted.is_none()
             && let Some(abort) = options.abort
         {
-            let finished = record.finished.len();
-            let failed = record.finished.values().filter(|o| !o.succeeded()).count();
+            let (finished, failed) = fleet.finished();
             if finished >= abort.min_finished.max(1)
                 && failed as f64 >= abort.failure_fraction * finished as f64
             {
-                record.halted = Some(format!(
+                let why = format!(
                     "aborted: {failed} of {finished} finished device(s) failed, the threshold is {:.0}% after {}",
                     abort.failure_fraction * 100.0,
                     abort.min_finished
-                ));
+                );
+                journal.halted(&why);
+                halted = Some(why);
             }
         }
 
         // 2. Waves.
-        if record.halted.is_none() {
-            while record.wave < record.waves.len() {
-                let members = &record.waves[record.wave];
-                let settled = members.iter().all(|id| {
-                    let d = &devs[id];
-                    d.phase == Phase::Done || (d.phase == Phase::Waiting && !d.online)
-                });
-                if !settled {
-                    break;
-                }
-                let finished: Vec<&DeviceOutcome> = members
-                    .iter()
-                    .filter_map(|id| devs[id].outcome.as_ref())
-                    .collect();
-                let ok = finished.iter().filter(|o| o.succeeded()).count();
-                if !finished.is_empty()
-                    && (ok as f64) < options.wave_success * finished.len() as f64
-                {
-                    record.halted = Some(format!(
-                        "{} reached {ok} of {} activated, under the {:.0}% success threshold",
-                        wave_labels[record.wave],
-                        finished.len(),
+        if halted.is_none() {
+            while wave < waves.len() && fleet.settled(wave) {
+                let c = fleet.counts(wave);
+                let ok = c[Bucket::Activated as usize];
+                let finished = ok + c[Bucket::Failed as usize];
+                if finished > 0 && (ok as f64) < options.wave_success * finished as f64 {
+                    let why = format!(
+                        "{} reached {ok} of {finished} activated, under the {:.0}% success threshold",
+                        labels[wave],
                         options.wave_success * 100.0
-                    ));
+                    );
+                    journal.halted(&why);
+                    halted = Some(why);
                     break;
                 }
-                if record.wave + 1 == record.waves.len() {
+                if wave + 1 == waves.len() {
                     break;
                 }
                 progress(&format!(
-                    "{}: {ok} of {} activated{}",
-                    wave_labels[record.wave],
-                    finished.len(),
-                    match members.len() - finished.len() {
+                    "{}: {ok} of {finished} activated{}",
+                    labels[wave],
+                    match c[Bucket::Offline as usize] {
                         0 => String::new(),
                         n => format!(", {n} offline (served when back)"),
                     }
                 ));
-                record.wave += 1;
-                record_dirty = true;
+                wave += 1;
+                journal.wave(wave);
             }
         }
-        if let Some(why) = &record.halted {
+        if let Some(why) = &halted {
             sender.stop.store(true, Ordering::Relaxed);
             progress(&format!("rollout halted: {why}"));
             break;
         }
-        if wave_announced != Some(record.wave) {
-            wave_announced = Some(record.wave);
-            let ids = &record.waves[record.wave];
+        if wave_announced != Some(wave) {
+            wave_announced = Some(wave);
             progress(&format!(
                 "{}: offering to {} device(s): {}",
-                wave_labels[record.wave],
-                ids.len(),
-                preview(ids)
+                labels[wave],
+                waves[wave].len(),
+                preview(&waves[wave])
             ));
         }
 
@@ -621,40 +596,38 @@ pub async fn rollout(
             *t = (*t + per_s * now.duration_since(last_refill).as_secs_f64()).min(per_s.max(1.0));
             last_refill = now;
         }
-        let mut offered = 0;
-        for w in 0..=record.wave {
-            for id in &record.waves[w] {
-                let d = devs.get_mut(id).expect("planned");
-                if d.phase != Phase::Waiting || !d.online {
-                    continue;
-                }
+        'offers: for w in 0..=wave {
+            let limit = tokens.map_or(usize::MAX, |t| t as usize);
+            let ready: Vec<usize> = fleet.ready[w].iter().copied().take(limit).collect();
+            for i in ready {
                 if let Some(t) = tokens.as_mut() {
                     if *t < 1.0 {
-                        break;
+                        break 'offers;
                     }
                     *t -= 1.0;
                 }
-                d.last_send = sender.push(Job::Message {
-                    topic: topics.down(&Target::Device(id.clone()), DownKind::Offer),
-                    payload: offer_bytes(id),
+                let pos = sender.push(Job::Message {
+                    topic: topics.down(&Target::Device(fleet.devs[i].id.clone()), DownKind::Offer),
+                    payload: offer_bytes(&fleet.devs[i].id),
                 });
-                d.phase = Phase::Offered;
-                d.offered_at.get_or_insert(now);
-                d.last_heard = now;
-                d.next_probe = now + options.probe_after;
-                d.probe_every = options.probe_after;
-                offered += 1;
+                fleet.update(i, |d| {
+                    d.last_send = pos;
+                    d.phase = Phase::Offered;
+                    d.offered_at.get_or_insert(now);
+                    d.last_heard = now;
+                    d.next_probe = now + options.probe_after;
+                    d.probe_every = options.probe_after;
+                });
             }
-        }
-        if offered > 0 {
-            record_dirty = true;
         }
 
         // 4. Chunks: one broadcast for devices that answered together, repairs one by one.
         let done = sender.done();
         round.retain(|_, pos| *pos >= done);
-        let mut waiting: Vec<String> = vec![];
-        for (id, d) in devs.iter_mut() {
+        let needy: Vec<usize> = std::mem::take(&mut fleet.needy).into_iter().collect();
+        let mut waiting: Vec<usize> = vec![];
+        for &i in &needy {
+            let d = &mut fleet.devs[i];
             if d.phase != Phase::Receiving || d.missing.is_empty() {
                 continue;
             }
@@ -670,29 +643,23 @@ pub async fn rollout(
                 !coming && !just_sent
             });
             if !d.missing.is_empty() {
-                waiting.push(id.clone());
+                waiting.push(i);
             }
         }
         if !waiting.is_empty() {
-            let mut continue_gathering = false;
             let since = *gather_since.get_or_insert(now);
-            let answered_all = devs
-                .values()
-                .all(|d| d.phase != Phase::Offered || !d.online);
             // Answers to a wave's offers come over a second or two: wait until they stop coming
             // (or all are in) so that one broadcast serves them.
-            let gathered = answered_all
+            let gathered = fleet.all_answered()
                 || now.duration_since(last_answer) >= Duration::from_millis(300)
                 || now.duration_since(since) >= Duration::from_secs(3);
             // Only devices on the transfer's topic can share a broadcast.
-            let listening = waiting.iter().filter(|id| devs[*id].subscribed).count();
-            if round.is_empty() && gathered && listening >= 2 {
-                let (listening, alone): (Vec<String>, Vec<String>) =
-                    waiting.into_iter().partition(|id| devs[id].subscribed);
-                waiting = listening;
+            let (listening, alone): (Vec<usize>, Vec<usize>) =
+                waiting.into_iter().partition(|&i| fleet.devs[i].subscribed);
+            if round.is_empty() && gathered && listening.len() >= 2 {
                 repair(
-                    &mut devs,
-                    alone,
+                    &mut fleet,
+                    &alone,
                     &pieces,
                     &topics,
                     &mut sender,
@@ -700,10 +667,8 @@ pub async fn rollout(
                     now,
                 );
                 let mut union = BTreeSet::new();
-                for id in &waiting {
-                    union.extend(std::mem::take(
-                        &mut devs.get_mut(id).expect("listed").missing,
-                    ));
+                for &i in &listening {
+                    union.extend(std::mem::take(&mut fleet.devs[i].missing));
                 }
                 for &index in &union {
                     round.insert(
@@ -718,95 +683,103 @@ pub async fn rollout(
                     topic: topics.transfer(&transfer_hex, DownKind::Complete),
                     payload: complete.clone(),
                 });
-                delivering = Some(waiting.clone());
-                for id in &waiting {
-                    let d = devs.get_mut(id).expect("listed");
+                for &i in &listening {
+                    let d = &mut fleet.devs[i];
                     d.last_send = end;
                     d.next_probe = now + d.probe_every;
                 }
+                delivering = Some(listening);
+                gather_since = None;
             } else if !round.is_empty() || gathered {
                 // One device, or late for the broadcast under way: its own topic.
+                let all: Vec<usize> = listening.into_iter().chain(alone).collect();
                 repair(
-                    &mut devs,
-                    waiting,
+                    &mut fleet,
+                    &all,
                     &pieces,
                     &topics,
                     &mut sender,
                     &mut repair_bytes,
                     now,
                 );
+                gather_since = None;
             } else {
                 // Devices that do not listen on the transfer's topic need not wait.
-                let alone: Vec<String> = waiting
-                    .into_iter()
-                    .filter(|id| !devs[id].subscribed)
-                    .collect();
                 repair(
-                    &mut devs,
-                    alone,
+                    &mut fleet,
+                    &alone,
                     &pieces,
                     &topics,
                     &mut sender,
                     &mut repair_bytes,
                     now,
                 );
-                continue_gathering = true;
-            }
-            if !continue_gathering {
-                gather_since = None;
             }
         } else {
             gather_since = None;
         }
+        for i in needy {
+            let d = &fleet.devs[i];
+            if d.phase == Phase::Receiving && !d.missing.is_empty() {
+                fleet.needy.insert(i);
+            }
+        }
 
         // 5. Probes: a device quiet after everything meant for it went out, once the fleet
         // has gone quiet too (or after a minute).
-        // A broadcast reaches every device at about the same pace: until one of them has it
-        // all, silence means the broker is still delivering, not that a device is lost.
-        if delivering
-            .as_ref()
-            .is_some_and(|ids| ids.iter().any(|id| devs[id].phase == Phase::Done))
-        {
-            delivering = None;
-        }
-        let fleet_quiet =
-            delivering.is_none() && now.duration_since(heard_any) >= options.probe_after;
-        for (id, d) in devs.iter_mut() {
-            let quiet = now.duration_since(d.last_heard);
-            if !matches!(d.phase, Phase::Offered | Phase::Receiving)
-                || !d.online
-                || d.last_send >= done
-                || now < d.next_probe
-                || quiet < d.probe_every
-                || (!fleet_quiet && quiet < Duration::from_secs(60))
+        if slow {
+            // A broadcast reaches every device at about the same pace: until one of them has
+            // it all, silence means the broker is still delivering, not that a device is lost.
+            if delivering
+                .as_ref()
+                .is_some_and(|ids| ids.iter().any(|&i| fleet.devs[i].phase == Phase::Done))
             {
-                continue;
+                delivering = None;
             }
-            let device = Target::Device(id.clone());
-            d.last_send = if d.phase == Phase::Offered {
-                sender.push(Job::Message {
-                    topic: topics.down(&device, DownKind::Offer),
-                    payload: offer_bytes(id),
-                })
-            } else {
-                sender.push(Job::Message {
-                    topic: topics.down(&device, DownKind::Complete),
-                    payload: complete.clone(),
-                })
-            };
-            d.probe_every = (d.probe_every * 2).min(Duration::from_secs(60));
-            d.next_probe = now + d.probe_every;
+            let fleet_quiet =
+                delivering.is_none() && now.duration_since(heard_any) >= options.probe_after;
+            let Fleet { active, devs, .. } = &mut fleet;
+            for &i in active.iter() {
+                let d = &mut devs[i];
+                let quiet = now.duration_since(d.last_heard);
+                if !d.online
+                    || d.last_send >= done
+                    || now < d.next_probe
+                    || quiet < d.probe_every
+                    || (!fleet_quiet && quiet < Duration::from_secs(60))
+                {
+                    continue;
+                }
+                let device = Target::Device(d.id.clone());
+                d.last_send = if d.phase == Phase::Offered {
+                    sender.push(Job::Message {
+                        topic: topics.down(&device, DownKind::Offer),
+                        payload: offer_bytes(&d.id),
+                    })
+                } else {
+                    sender.push(Job::Message {
+                        topic: topics.down(&device, DownKind::Complete),
+                        payload: complete.clone(),
+                    })
+                };
+                d.probe_every = (d.probe_every * 2).min(Duration::from_secs(60));
+                d.next_probe = now + d.probe_every;
+            }
         }
 
-        // 6. The record; the end.
-        if record_dirty && (record_saved.elapsed() >= Duration::from_secs(1)) {
-            save_record(options, &record);
-            record_dirty = false;
-            record_saved = Instant::now();
+        // 6. Progress, the record, the end.
+        if now >= tell_due {
+            tell_due = now + Duration::from_secs(2);
+            for (w, last) in told.iter_mut().enumerate().take(wave + 1) {
+                let c = fleet.counts(w);
+                if c != *last {
+                    *last = c;
+                    progress(&counts_line(&labels[w], waves[w].len(), &c));
+                }
+            }
         }
-        let all_done = devs.values().all(|d| d.phase == Phase::Done);
-        let last_wave = record.wave + 1 == record.waves.len();
-        if all_done && last_wave {
+        journal.sync_now_and_then();
+        if fleet.all_done() && wave + 1 == waves.len() {
             break;
         }
         if now >= deadline {
@@ -816,8 +789,8 @@ pub async fn rollout(
             ));
             break;
         }
-        // Take in what arrives for one tick, then decide again: the decisions walk every
-        // device, so they run at a fixed rate, not once per message.
+        // Take in what arrives for one tick, then decide again: decisions run at a fixed
+        // rate, not once per message.
         let tick_end = Instant::now() + Duration::from_millis(25);
         while let Ok(msg) = tokio::time::timeout_at(tick_end.into(), conn.incoming.recv()).await {
             let Some(msg) = msg else {
@@ -825,19 +798,15 @@ pub async fn rollout(
             };
             let absorbed = take_in(
                 &topics,
-                &msg.topic,
-                &msg.payload,
-                msg.retain,
+                &msg,
                 &transfer_hex,
                 count,
-                &mut devs,
-                &mut record,
-                progress,
+                &mut fleet,
+                &mut journal,
+                &tell,
             );
-            match absorbed {
-                Absorbed::Finished => record_dirty = true,
-                Absorbed::Answered => last_answer = Instant::now(),
-                Absorbed::Heard | Absorbed::Nothing => {}
+            if matches!(absorbed, Absorbed::Answered) {
+                last_answer = Instant::now();
             }
             if !matches!(absorbed, Absorbed::Nothing) {
                 heard_any = Instant::now();
@@ -849,17 +818,16 @@ pub async fn rollout(
     while !sender.idle() && Instant::now() < flush_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    save_record(options, &record);
-    let waves = record
-        .waves
+    journal.sync();
+    let waves = waves
         .iter()
-        .zip(&wave_labels)
+        .zip(&labels)
         .map(|(ids, label)| WaveReport {
             label: label.clone(),
             devices: ids
                 .iter()
                 .map(|id| {
-                    let d = &devs[id];
+                    let d = &fleet.devs[fleet.find(id).expect("planned")];
                     d.outcome.clone().unwrap_or_else(|| DeviceOutcome {
                         device: id.clone(),
                         state: None,
@@ -878,7 +846,7 @@ pub async fn rollout(
     let report = RolloutReport {
         version: manifest.version,
         waves,
-        halted: record.halted.clone(),
+        halted,
         bytes_sent: sender.bytes.load(Ordering::Relaxed),
         chunks_sent: sender.chunks.load(Ordering::Relaxed),
         repair_bytes,
@@ -888,19 +856,80 @@ pub async fn rollout(
     Ok(report)
 }
 
+/// `wave 2/3 (15%): 150 device(s): 20 offered, 80 downloading, 45 activated, 5 failed, ...`
+fn counts_line(label: &str, devices: usize, c: &[usize; BUCKETS]) -> String {
+    let mut line = format!(
+        "{label}: {devices} device(s): {} offered, {} downloading, {} activated, {} failed",
+        c[Bucket::Offered as usize],
+        c[Bucket::Receiving as usize],
+        c[Bucket::Activated as usize],
+        c[Bucket::Failed as usize],
+    );
+    for (n, what) in [
+        (c[Bucket::Waiting as usize], "not offered yet"),
+        (c[Bucket::Offline as usize], "offline"),
+    ] {
+        if n > 0 {
+            line.push_str(&format!(", {n} {what}"));
+        }
+    }
+    line
+}
+
+/// Where device events are told: failures always, every device's end in a small rollout.
+struct Tell<'a> {
+    progress: &'a (dyn Fn(&str) + Sync),
+    each_device: bool,
+}
+
+/// Records how device `i` ended.
+fn finish(
+    fleet: &mut Fleet,
+    journal: &mut Journal,
+    i: usize,
+    state: Option<ReportState>,
+    reason: Option<String>,
+    tell: &Tell,
+) {
+    let o = DeviceOutcome {
+        device: fleet.devs[i].id.clone(),
+        state,
+        reason,
+    };
+    if tell.each_device || !o.succeeded() {
+        (tell.progress)(&format!(
+            "{}: {}{}",
+            o.device,
+            state
+                .map(|s| format!("{s:?}").to_lowercase())
+                .unwrap_or("no answer".into()),
+            o.reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ));
+    }
+    journal.finished(&o);
+    fleet.update(i, |d| {
+        d.outcome = Some(o);
+        d.phase = Phase::Done;
+        d.missing.clear();
+    });
+}
+
 /// Sends each device what it misses on its own topic.
 fn repair(
-    devs: &mut HashMap<String, Dev>,
-    ids: Vec<String>,
+    fleet: &mut Fleet,
+    ids: &[usize],
     pieces: &[Vec<u8>],
     topics: &Topics,
     sender: &mut Sender,
     repair_bytes: &mut u64,
     now: Instant,
 ) {
-    for id in ids {
-        let d = devs.get_mut(&id).expect("listed");
-        let device = Target::Device(id.clone());
+    for &i in ids {
+        let d = &mut fleet.devs[i];
+        let device = Target::Device(d.id.clone());
         for index in std::mem::take(&mut d.missing) {
             *repair_bytes += pieces[index as usize].len() as u64;
             let pos = sender.push(Job::Chunk {
@@ -928,41 +957,41 @@ enum Absorbed {
 }
 
 /// Folds a status or a report into the device's state.
-#[allow(clippy::too_many_arguments)]
 fn take_in(
     topics: &Topics,
-    topic: &str,
-    payload: &[u8],
-    retained: bool,
+    msg: &Incoming,
     transfer: &str,
     count: u32,
-    devs: &mut HashMap<String, Dev>,
-    record: &mut Record,
-    progress: &(dyn Fn(&str) + Sync),
+    fleet: &mut Fleet,
+    journal: &mut Journal,
+    tell: &Tell,
 ) -> Absorbed {
-    let Some((_, device, kind)) = topics.parse_up(topic) else {
+    let Some((_, device, kind)) = topics.parse_up(&msg.topic) else {
         return Absorbed::Nothing;
     };
     if kind == UpKind::Status {
-        if let (Ok(s), Some(d)) = (Status::decode(payload), devs.get_mut(device)) {
-            let was = d.online;
-            d.online = s.online;
-            if d.phase == Phase::Receiving && !retained {
-                // Gone, or (re)connected: either way no longer on the transfer's topic (a
-                // retained status is an old one, replayed to this publisher's subscription).
-                d.subscribed = false;
-            }
-            if s.online && !was && d.phase == Phase::Offered {
-                // Back before it answered its offer: offer again at once.
-                d.phase = Phase::Waiting;
-            }
+        if let (Ok(s), Some(i)) = (Status::decode(&msg.payload), fleet.find(device)) {
+            fleet.update(i, |d| {
+                let was = d.online;
+                d.online = s.online;
+                if d.phase == Phase::Receiving && !msg.retain {
+                    // Gone, or (re)connected: either way no longer on the transfer's topic (a
+                    // retained status is an old one, replayed to this publisher's
+                    // subscription).
+                    d.subscribed = false;
+                }
+                if s.online && !was && d.phase == Phase::Offered {
+                    // Back before it answered its offer: offer again at once.
+                    d.phase = Phase::Waiting;
+                }
+            });
         }
         return Absorbed::Nothing;
     }
     if kind != UpKind::Report {
         return Absorbed::Nothing;
     }
-    let report = match Report::decode(payload) {
+    let report = match Report::decode(&msg.payload) {
         Ok(r) if r.device == device => r,
         Ok(r) => {
             tracing::warn!(
@@ -979,124 +1008,37 @@ fn take_in(
     if report.transfer.as_deref() != Some(transfer) {
         return Absorbed::Nothing;
     }
-    let Some(d) = devs.get_mut(device) else {
+    let Some(i) = fleet.find(device) else {
         return Absorbed::Nothing;
     };
-    if d.phase == Phase::Done {
+    if fleet.devs[i].phase == Phase::Done {
         return Absorbed::Nothing;
     }
     let now = Instant::now();
-    d.last_heard = now;
+    fleet.devs[i].last_heard = now;
     match report.state {
         ReportState::NeedOffer => {
-            d.phase = Phase::Waiting;
+            fleet.update(i, |d| d.phase = Phase::Waiting);
             Absorbed::Heard
         }
         s if s.is_final() => {
-            let o = DeviceOutcome {
-                device: device.to_string(),
-                state: Some(s),
-                reason: report.reason.clone(),
-            };
-            progress(&format!(
-                "{device}: {}{}",
-                format!("{s:?}").to_lowercase(),
-                o.reason
-                    .as_ref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            ));
-            record.finished.insert(device.to_string(), o.clone());
-            d.outcome = Some(o);
-            d.phase = Phase::Done;
-            d.missing.clear();
+            finish(fleet, journal, i, Some(s), report.reason.clone(), tell);
             Absorbed::Finished
         }
         ReportState::Staged => Absorbed::Heard,
         _ => {
-            if d.phase == Phase::Offered {
-                d.subscribed = true;
-            }
-            d.phase = Phase::Receiving;
-            d.offered_at.get_or_insert(now);
-            d.missing.extend(from_ranges(&report.missing, count));
-            d.next_probe = now + d.probe_every;
+            fleet.update(i, |d| {
+                if d.phase == Phase::Offered {
+                    d.subscribed = true;
+                }
+                d.phase = Phase::Receiving;
+                d.offered_at.get_or_insert(now);
+                d.missing.extend(from_ranges(&report.missing, count));
+                d.next_probe = now + d.probe_every;
+            });
             Absorbed::Answered
         }
     }
-}
-
-/// Splits the target's devices into waves.
-fn plan_waves(
-    members: &[String],
-    waves: &[Wave],
-    statuses: &BTreeMap<String, Status>,
-) -> Vec<Vec<String>> {
-    // Percent waves take devices in the order of a hash of their ids: spread over lines and
-    // sites, the same on every run.
-    let mut order: Vec<&String> = members.iter().collect();
-    order.sort_by_key(|id| sha256_hex(id.as_bytes()));
-    let mut taken: BTreeSet<&String> = BTreeSet::new();
-    let mut plan = vec![];
-    let n = members.len() as f64;
-    let mut cumulative = 0.0;
-    for wave in waves {
-        let ids: Vec<String> = match wave {
-            Wave::Percent(p) => {
-                cumulative += p;
-                let upto = ((cumulative / 100.0 * n).round() as usize).min(members.len());
-                let free: Vec<&String> = order
-                    .iter()
-                    .copied()
-                    .filter(|id| !taken.contains(id))
-                    .collect();
-                let want = upto.saturating_sub(taken.len());
-                free.into_iter().take(want).cloned().collect()
-            }
-            Wave::Target(t) => order
-                .iter()
-                .copied()
-                .filter(|id| !taken.contains(id))
-                .filter(|id| {
-                    statuses
-                        .get(*id)
-                        .is_some_and(|s| t.includes(&s.device, &s.groups))
-                        || matches!(t, Target::Device(d) if d == *id)
-                })
-                .cloned()
-                .collect(),
-        };
-        for id in &ids {
-            taken.insert(members.iter().find(|m| *m == id).expect("member"));
-        }
-        plan.push(ids);
-    }
-    let rest: Vec<String> = order
-        .iter()
-        .filter(|id| !taken.contains(*id))
-        .map(|id| (*id).clone())
-        .collect();
-    if !rest.is_empty() || plan.is_empty() {
-        plan.push(rest);
-    }
-    for ids in &mut plan {
-        ids.sort();
-    }
-    plan
-}
-
-fn wave_labels(waves: &[Wave], planned: usize) -> Vec<String> {
-    (0..planned)
-        .map(|i| {
-            let what = match waves.get(i) {
-                Some(Wave::Percent(p)) => format!(" ({p}%)"),
-                Some(Wave::Target(t)) => format!(" ({t})"),
-                None if !waves.is_empty() => " (the rest)".into(),
-                None => String::new(),
-            };
-            format!("wave {}/{planned}{what}", i + 1)
-        })
-        .collect()
 }
 
 fn preview(ids: &[String]) -> String {
@@ -1104,69 +1046,5 @@ fn preview(ids: &[String]) -> String {
         ids.join(", ")
     } else {
         format!("{}, ... ({} more)", ids[..6].join(", "), ids.len() - 6)
-    }
-}
-
-fn save_record(options: &RolloutOptions, record: &Record) {
-    if let Some(path) = &options.record {
-        let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
-        if let Err(e) = crate::package::write_atomic(path, &bytes) {
-            tracing::error!("rollout record: {e}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status(id: &str, groups: &[&str]) -> Status {
-        Status {
-            device: id.into(),
-            line: "l".into(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            edge_version: "0".into(),
-            online: true,
-            active: None,
-            previous: vec![],
-            on_trial: false,
-            last_event: None,
-            updated_unix: 0,
-        }
-    }
-
-    #[test]
-    fn waves_split_by_percent_and_by_target() {
-        let ids: Vec<String> = (0..100).map(|i| format!("d{i:03}")).collect();
-        let statuses: BTreeMap<String, Status> = ids
-            .iter()
-            .map(|id| {
-                let g: &[&str] = if id.ends_with('7') { &["canary"] } else { &[] };
-                (id.clone(), status(id, g))
-            })
-            .collect();
-        let plan = plan_waves(
-            &ids,
-            &[
-                "5%".parse().unwrap(),
-                "15%".parse().unwrap(),
-                "80%".parse().unwrap(),
-            ],
-            &statuses,
-        );
-        assert_eq!(
-            plan.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![5, 15, 80]
-        );
-        let all: BTreeSet<&String> = plan.iter().flatten().collect();
-        assert_eq!(all.len(), 100);
-        let plan = plan_waves(&ids, &["group:canary".parse().unwrap()], &statuses);
-        assert_eq!(plan.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 90]);
-        assert!(plan[0].iter().all(|id| id.ends_with('7')));
-        let plan = plan_waves(&ids, &[], &statuses);
-        assert_eq!(plan.len(), 1);
-        assert!("0%".parse::<Wave>().is_err());
-        assert!("x%".parse::<Wave>().is_err());
-        assert!("robot:1".parse::<Wave>().is_err());
     }
 }
