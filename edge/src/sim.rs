@@ -73,6 +73,10 @@ pub struct Args {
     /// broker is still delivering to a thousand others on the same machine.
     #[arg(long, default_value_t = 30)]
     keep_alive_s: u64,
+    /// Each device logs in with its id as user name and this password (a broker with a
+    /// password file and the ACL of `trainer fleet acl`).
+    #[arg(long)]
+    password: Option<String>,
 }
 
 /// What one device did, for the summary.
@@ -167,6 +171,10 @@ impl SimDevice {
     }
 
     fn connect(&self, broker: &BrokerConfig) -> Result<Connection> {
+        let mut broker = broker.clone();
+        if broker.password.is_some() {
+            broker.username = Some(self.id.clone());
+        }
         let mut options = broker.options(&format!("sim-{}-{}", self.topics.site(), self.id))?;
         // A clean session: what a device missed while away comes from the publisher's repair,
         // not from the broker's queue.
@@ -250,6 +258,7 @@ pub fn run(args: Args) -> Result<()> {
         .context("--broker: HOST:PORT")?;
     let mut broker = BrokerConfig::plain(host, port.parse().context("--broker: port")?);
     broker.keep_alive_s = args.keep_alive_s;
+    broker.password = args.password.clone();
     let key = std::fs::read_to_string(&args.trusted)
         .with_context(|| format!("reading {}", args.trusted.display()))?;
     let trusted: Vec<VerifyingKey> = vec![

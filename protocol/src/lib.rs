@@ -8,8 +8,10 @@
 //! - [`device`]: the device side of a transfer (offer, chunks, resume, verification, reports),
 //!   shared by the edge daemon and the fleet simulator;
 //! - [`mqtt`] (feature `mqtt`, default): broker settings (TLS with client certificates, credentials) shared by both sides;
-//! - [`rollout`] (feature `mqtt`): the publisher — offer, chunks, missing-chunk repair, canary groups.
+//! - [`rollout`] (feature `mqtt`): the publisher — waves, offers, broadcast chunks, repair per device, abort, a durable record;
+//! - [`acl`]: the fleet list and the mosquitto ACL generated from it.
 
+pub mod acl;
 pub mod device;
 #[cfg(all(test, feature = "mqtt"))]
 mod fuzz_seeds;

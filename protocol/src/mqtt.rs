@@ -69,41 +69,90 @@ impl BrokerConfig {
         let mut options = MqttOptions::new(client_id, &self.host, self.port);
         options.set_keep_alive(Duration::from_secs(self.keep_alive_s.max(1)));
         options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        match (&self.username, &self.password) {
-            (Some(u), Some(p)) => {
-                options.set_credentials(u, p);
-            }
-            (Some(u), None) => {
-                options.set_credentials(u, "");
-            }
-            (None, Some(_)) => {
-                return Err(ProtocolError::Invalid(
-                    "mqtt: a password is set without a username".into(),
-                ));
-            }
-            (None, None) => {}
+        if let Some((u, p)) = self.credentials()? {
+            options.set_credentials(u, p);
         }
-        if let Some(tls) = &self.tls {
-            // rumqttc is built without a default crypto provider; ring is ours.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let read = |p: &PathBuf, what: &str| {
-                std::fs::read(p).map_err(|e| {
-                    ProtocolError::Invalid(format!("mqtt.tls.{what} {}: {e}", p.display()))
-                })
-            };
-            let ca = read(&tls.ca, "ca")?;
-            let client_auth = match (&tls.cert, &tls.key) {
-                (Some(c), Some(k)) => Some((read(c, "cert")?, read(k, "key")?)),
-                (None, None) => None,
-                _ => {
-                    return Err(ProtocolError::Invalid(
-                        "mqtt.tls: `cert` and `key` go together".into(),
-                    ));
-                }
-            };
-            options.set_transport(Transport::tls(ca, client_auth, None));
+        if let Some(t) = self.transport()? {
+            options.set_transport(t);
         }
         Ok(options)
+    }
+
+    fn credentials(&self) -> Result<Option<(String, String)>, ProtocolError> {
+        match (&self.username, &self.password) {
+            (Some(u), p) => Ok(Some((u.clone(), p.clone().unwrap_or_default()))),
+            (None, Some(_)) => Err(ProtocolError::Invalid(
+                "mqtt: a password is set without a username".into(),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn transport(&self) -> Result<Option<Transport>, ProtocolError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        // rumqttc is built without a default crypto provider; ring is ours.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).map_err(|e| {
+                ProtocolError::Invalid(format!("mqtt.tls.{what} {}: {e}", p.display()))
+            })
+        };
+        let ca = read(&tls.ca, "ca")?;
+        let client_auth = match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Some((read(c, "cert")?, read(k, "key")?)),
+            (None, None) => None,
+            _ => {
+                return Err(ProtocolError::Invalid(
+                    "mqtt.tls: `cert` and `key` go together".into(),
+                ));
+            }
+        };
+        Ok(Some(Transport::tls(ca, client_auth, None)))
+    }
+
+    /// The largest packet the broker accepts, as its MQTT v5 CONNACK says (one short v5
+    /// connection). `None`: the broker names no limit, speaks only MQTT 3.1.1, or did not
+    /// answer within 10 s (the connection that follows reports why).
+    pub async fn max_packet_size(&self) -> Result<Option<u32>, ProtocolError> {
+        use rumqttc::v5::mqttbytes::v5::Packet as P5;
+        let id = format!("limits-{}-{}", std::process::id(), crate::unix_now_ms());
+        let mut options = rumqttc::v5::MqttOptions::new(id, &self.host, self.port);
+        options.set_keep_alive(Duration::from_secs(self.keep_alive_s.max(1)));
+        options.set_clean_start(true);
+        if let Some((u, p)) = self.credentials()? {
+            options.set_credentials(u, p);
+        }
+        if let Some(t) = self.transport()? {
+            options.set_transport(t);
+        }
+        let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 4);
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(P5::ConnAck(ack))) => {
+                        return Ok(ack.properties.and_then(|p| p.max_packet_size));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let limit = match answer {
+            Ok(Ok(limit)) => {
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+                limit
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("MQTT v5 CONNACK not read ({e}): no packet limit known");
+                None
+            }
+            Err(_) => None,
+        };
+        Ok(limit)
     }
 }
 

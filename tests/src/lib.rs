@@ -240,10 +240,15 @@ impl Broker {
             // max_packet_size: the broker refuses what no client of the protocol accepts (as a
             // production broker should, docs/operations.md), so an oversized message cannot
             // sit in a device's queue.
-            format!(
-                "{listener}{persistence}max_queued_messages 100000\nmax_packet_size {}\n",
-                protocol::mqtt::MAX_PACKET
-            ),
+            // A configuration that sets its own limit keeps it.
+            if listener.contains("max_packet_size") {
+                format!("{listener}{persistence}max_queued_messages 100000\n")
+            } else {
+                format!(
+                    "{listener}{persistence}max_queued_messages 100000\nmax_packet_size {}\n",
+                    protocol::mqtt::MAX_PACKET
+                )
+            },
         )
         .expect("writing mosquitto.conf");
         let mut broker = Broker {

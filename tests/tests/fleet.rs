@@ -85,9 +85,10 @@ fn publish(broker: &Broker, args: &[&str]) -> (bool, String) {
         "test",
         "--verify-with",
         key.to_str().unwrap(),
-        "--chunk-kib",
-        "64",
     ];
+    if !args.contains(&"--chunk-kib") {
+        all.extend_from_slice(&["--chunk-kib", "64"]);
+    }
     all.extend_from_slice(args);
     run("trainer", &all)
 }
@@ -234,4 +235,359 @@ fn offline_devices_are_served_when_back_by_a_restarted_publisher() {
         summary["returned_final_max_s"].as_f64().unwrap() < 30.0,
         "{summary:#}"
     );
+}
+
+/// Writes a password file with these users, all with password `pw`.
+fn passwords(path: &Path, users: &[String]) {
+    for (i, u) in users.iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        cmd.arg("-b");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let status = cmd
+            .arg(path)
+            .args([u.as_str(), "pw"])
+            .status()
+            .expect("mosquitto_passwd (package mosquitto)");
+        assert!(status.success());
+    }
+}
+
+/// Publishes `first` then `second` (mosquitto_pub as USER) every 200 ms until `sub` has exited
+/// (it takes 3 messages): what it printed.
+fn alternate(sub: Child, port: u16, first: (&str, &str), second: (&str, &str)) -> String {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let port = port.to_string();
+    let (first, second) = (
+        (first.0.to_string(), first.1.to_string()),
+        (second.0.to_string(), second.1.to_string()),
+    );
+    let publisher = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < until
+        {
+            for (user, topic) in [&first, &second] {
+                let _ = Command::new("mosquitto_pub")
+                    .args(["-p", &port, "-u", user, "-P", "pw", "-q", "1", "-t", topic])
+                    .args(["-m", &format!("from {user}")])
+                    .status();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let out = sub.wait_with_output().expect("mosquitto_sub ran");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.join().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn subscribe(port: u16, user: &str, filters: &[&str]) -> Child {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-u",
+        user,
+        "-P",
+        "pw",
+        "-C",
+        "3",
+        "-W",
+        "30",
+        "-v",
+        "-R",
+    ]);
+    for f in filters {
+        cmd.args(["-t", f]);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (package mosquitto-clients)")
+}
+
+/// The ACL `trainer fleet acl` writes from a fleet list lets a whole rollout through (devices
+/// logged in with their ids), and confines each device: what it publishes under another
+/// device's topics reaches no one, and it cannot read another device's messages.
+#[test]
+fn acl_from_the_fleet_list_lets_rollouts_through_and_confines_each_device() {
+    let n = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ids: Vec<String> = (0..n).map(|i| format!("acl-{i:04}")).collect();
+    // The simulator puts device i on line i.
+    let list: String = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| format!("{id} line{i} line\n"))
+        .collect();
+    std::fs::write(d.join("fleet.txt"), format!("# the test fleet\n{list}")).unwrap();
+    let acl = d.join("acl");
+    e2e::run_ok(
+        "trainer",
+        &[
+            "fleet",
+            "acl",
+            "--fleet",
+            d.join("fleet.txt").to_str().unwrap(),
+            "--site",
+            "test",
+            "--publisher",
+            "publisher",
+            "--consumer",
+            "mes",
+            "--out",
+            acl.to_str().unwrap(),
+        ],
+    );
+    let mut users = vec!["publisher".to_string(), "mes".to_string()];
+    users.extend(ids.iter().cloned());
+    passwords(&d.join("passwd"), &users);
+    let port = e2e::free_port();
+    let mut broker = Broker::start_with(
+        d,
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
+            d.join("passwd").display(),
+            acl.display()
+        ),
+    );
+    let mut watcher_login = protocol::mqtt::BrokerConfig::plain("127.0.0.1", port);
+    watcher_login.username = Some("publisher".into());
+    watcher_login.password = Some("pw".into());
+    let w = Watcher::start_with(watcher_login);
+    let sim = Sim::start(
+        &broker,
+        n,
+        &["--prefix", "acl", "--password", "pw", "--run-s", "60"],
+    );
+    for id in &ids {
+        w.wait_status(id, Duration::from_secs(60), |_| true);
+    }
+    let (ok, out) = publish(
+        &broker,
+        &[
+            "--to",
+            "group:line",
+            "--username",
+            "publisher",
+            "--password",
+            "pw",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(ok, "{out}\n{}", broker.log());
+    let summary = sim.finish();
+    assert_eq!(summary["activated"], n, "{summary:#}");
+
+    // A device publishing under another device's topic reaches no one; under its own it does.
+    let sub = subscribe(port, "mes", &["edgeinsp/test/+/+/status"]);
+    let got = alternate(
+        sub,
+        port,
+        ("acl-0000", "edgeinsp/test/line1/acl-0001/status"),
+        ("acl-0000", "edgeinsp/test/line0/acl-0000/status"),
+    );
+    assert_eq!(got.lines().count(), 3, "{got}");
+    assert!(
+        got.lines()
+            .all(|l| l.starts_with("edgeinsp/test/line0/acl-0000/status ")),
+        "{got}"
+    );
+    // A device reads what is addressed to it, not what is addressed to another.
+    let sub = subscribe(
+        port,
+        "acl-0000",
+        &[
+            "edgeinsp/test/down/device/acl-0001/+",
+            "edgeinsp/test/down/device/acl-0000/+",
+        ],
+    );
+    let got = alternate(
+        sub,
+        port,
+        ("publisher", "edgeinsp/test/down/device/acl-0001/command"),
+        ("publisher", "edgeinsp/test/down/device/acl-0000/command"),
+    );
+    assert_eq!(got.lines().count(), 3, "{got}");
+    assert!(
+        got.lines()
+            .all(|l| l.starts_with("edgeinsp/test/down/device/acl-0000/command ")),
+        "{got}"
+    );
+    broker.stop();
+}
+
+/// Verdict consumers in one shared subscription group (`trainer fleet verdicts --share`) split
+/// the fleet's verdicts: every verdict reaches exactly one of them, both get a share, and a
+/// malformed message is named and skipped without stopping the consumer.
+#[test]
+fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
+    use protocol::messages::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let addr = broker.addr();
+    let consumers: Vec<(Child, PathBuf, PathBuf)> = (0..2)
+        .map(|i| {
+            let out = dir.path().join(format!("consumer{i}.jsonl"));
+            let err = dir.path().join(format!("consumer{i}.log"));
+            let child = Command::new(bin("trainer"))
+                .args([
+                    "fleet", "verdicts", "--broker", &addr, "--site", "test", "--share", "mes",
+                ])
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::fs::File::create(&err).unwrap())
+                .spawn()
+                .expect("starting trainer fleet verdicts");
+            (child, out, err)
+        })
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !consumers.iter().all(|(_, _, err)| {
+        std::fs::read_to_string(err).is_ok_and(|t| t.contains("consuming $share/mes/"))
+    }) {
+        assert!(
+            std::time::Instant::now() < until,
+            "consumers did not subscribe"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Four devices' verdicts, as the daemon writes them, and one malformed message.
+    let topics = protocol::Topics::new("test").unwrap();
+    let mut options = rumqttc::MqttOptions::new("devices", "127.0.0.1", broker.port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 1000);
+    let pump = std::thread::spawn(move || {
+        for e in connection.iter() {
+            if e.is_err() {
+                break;
+            }
+        }
+    });
+    let per_device = 50u64;
+    for id in 1..=per_device {
+        for dev in 0..4 {
+            let device = format!("cam{dev}");
+            let v = protocol::Verdict {
+                id,
+                device: device.clone(),
+                frame: id,
+                line: 0,
+                origin: "test".into(),
+                width: 64,
+                height: 64,
+                captured_ms: id,
+                decided_ms: id,
+                latency_ms: 1.0,
+                pass: id % 3 != 0,
+                defects: vec![],
+                model: Some(("m".into(), 1)),
+                undecided: None,
+                position_mm: None,
+            };
+            client
+                .publish(
+                    topics.up("line1", &device, protocol::topics::UpKind::Verdict),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    v.encode(),
+                )
+                .unwrap();
+        }
+        if id == 10 {
+            client
+                .publish(
+                    "edgeinsp/test/line1/cam9/verdict",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    b"{not json".to_vec(),
+                )
+                .unwrap();
+        }
+    }
+    let total = 4 * per_device as usize;
+    let read = |path: &Path| -> Vec<(String, u64)> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                (
+                    v["device"].as_str().unwrap().to_string(),
+                    v["id"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: usize = consumers.iter().map(|(_, out, _)| read(out).len()).sum();
+        if n >= total || std::time::Instant::now() > until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = client.disconnect();
+    let _ = pump.join();
+    let mut all = vec![];
+    let mut logs = String::new();
+    for (mut child, out, err) in consumers {
+        let _ = child.kill();
+        let _ = child.wait();
+        let got = read(&out);
+        assert!(!got.is_empty(), "a consumer got no verdict");
+        all.extend(got);
+        logs.push_str(&std::fs::read_to_string(&err).unwrap());
+    }
+    let distinct: std::collections::BTreeSet<(String, u64)> = all.iter().cloned().collect();
+    assert_eq!(all.len(), total, "verdicts repeated or lost");
+    assert_eq!(distinct.len(), total);
+    assert!(
+        logs.contains("edgeinsp/test/line1/cam9/verdict: ") && logs.contains("skipped"),
+        "{logs}"
+    );
+}
+
+/// A broker with a small packet limit (as AWS IoT's 128 KB) says so in its MQTT v5 CONNACK:
+/// the publisher cuts chunks to fit instead of being disconnected, and the rollout completes.
+#[test]
+fn chunks_fit_the_packet_limit_the_broker_states() {
+    let n = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let port = e2e::free_port();
+    let broker = Broker::start_with(
+        dir.path(),
+        port,
+        &format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 100000\n"),
+    );
+    let w = Watcher::start(port);
+    let sim = Sim::start(&broker, n, &["--prefix", "lim", "--run-s", "60"]);
+    for i in 0..n {
+        w.wait_status(&format!("lim-{i:04}"), Duration::from_secs(60), |_| true);
+    }
+    let (ok, out) = publish(
+        &broker,
+        &[
+            "--to",
+            "group:line",
+            "--chunk-kib",
+            "256",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert!(ok, "{out}\n{}", broker.log());
+    assert!(
+        out.contains("the broker accepts packets of up to 100000 bytes (MQTT v5 CONNACK): chunks of 97 KiB, not the 256 KiB asked for"),
+        "{out}"
+    );
+    let summary = sim.finish();
+    assert_eq!(summary["activated"], n, "{summary:#}");
 }

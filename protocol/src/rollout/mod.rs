@@ -21,7 +21,9 @@ use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::messages::{Chunk, Complete, Message, Offer, Report, ReportState, Status, from_ranges};
+use crate::messages::{
+    Chunk, Complete, Message, ModelRef, Offer, Report, ReportState, Status, from_ranges,
+};
 use crate::mqtt::{BrokerConfig, Connection, Incoming};
 use crate::package::{Manifest, Package, VerifyingKey};
 use crate::topics::{DownKind, Target, Topics, UpKind};
@@ -314,6 +316,29 @@ async fn discover(
     Ok((statuses, early_reports))
 }
 
+/// Room a publish needs besides its payload: fixed header, packet id and the longest topic a
+/// chunk goes on (`edgeinsp/SITE/down/device/ID/chunk`, site and id of at most 64 bytes).
+const PUBLISH_OVERHEAD: usize = 512;
+
+/// The chunk size to send: the one asked for (within what devices accept), made to fit under
+/// the broker's packet limit.
+fn fit_chunk(asked: usize, limit: Option<u32>) -> Result<usize, ProtocolError> {
+    use crate::messages::{CHUNK_HEADER, MAX_CHUNK, MIN_CHUNK};
+    let asked = asked.clamp(MIN_CHUNK, MAX_CHUNK);
+    let Some(limit) = limit else {
+        return Ok(asked);
+    };
+    let room = (limit as usize).saturating_sub(PUBLISH_OVERHEAD + CHUNK_HEADER) & !1023;
+    if room < MIN_CHUNK {
+        return Err(ProtocolError::Invalid(format!(
+            "the broker accepts packets of at most {limit} bytes (its MQTT v5 CONNACK), too small \
+             for the smallest chunk ({} KiB): raise max_packet_size on the broker",
+            MIN_CHUNK >> 10
+        )));
+    }
+    Ok(asked.min(room))
+}
+
 /// Publishes `package` (verified first against `trusted`, when given) and runs the rollout.
 /// `progress` hears the waves, the devices that fail, and every two seconds the open waves'
 /// counts while they change.
@@ -331,10 +356,28 @@ pub async fn rollout(
         package.verify(trusted)?
     };
     let topics = Topics::new(&options.site)?;
-    let chunk_size = options
-        .chunk_size
-        .clamp(crate::messages::MIN_CHUNK, crate::messages::MAX_CHUNK);
+    // A broker that states its largest packet (MQTT v5 CONNACK) gets chunks that fit.
+    let limit = broker.max_packet_size().await?;
+    let chunk_size = fit_chunk(options.chunk_size, limit)?;
+    if let Some(limit) = limit {
+        let asked = options
+            .chunk_size
+            .clamp(crate::messages::MIN_CHUNK, crate::messages::MAX_CHUNK);
+        progress(&format!(
+            "the broker accepts packets of up to {limit} bytes (MQTT v5 CONNACK): chunks of {} KiB{}",
+            chunk_size >> 10,
+            if chunk_size < asked {
+                format!(", not the {} KiB asked for", asked >> 10)
+            } else {
+                String::new()
+            }
+        ));
+    }
     let client_id = format!("publisher-{}-{}", std::process::id(), crate::unix_now_ms());
+    // A broker delivering a large broadcast to thousands answers pings late: a short keep-alive
+    // would drop the publisher in the middle of it.
+    let mut broker = broker.clone();
+    broker.keep_alive_s = broker.keep_alive_s.max(60);
     let mut mqtt_options = broker.options(&client_id)?;
     mqtt_options.set_clean_session(true);
     let mut conn = Connection::start_publisher(
@@ -348,9 +391,23 @@ pub async fn rollout(
     let (statuses, early_reports) = discover(&mut conn, &topics, options.discovery).await?;
 
     let offer = offer_for(package, &options.target, chunk_size)?;
+    if let Some(limit) = limit {
+        let size = offer.encode().len() + PUBLISH_OVERHEAD;
+        if size > limit as usize {
+            return Err(ProtocolError::Invalid(format!(
+                "the offer for this package needs a {size}-byte packet, more than the broker's \
+                 limit of {limit} bytes (its MQTT v5 CONNACK): raise max_packet_size on the broker"
+            )));
+        }
+    }
     let transfer_hex = offer.transfer.clone();
     let transfer = crate::messages::transfer_id(&transfer_hex)?;
     let count = offer.chunks.len() as u32;
+    let model = ModelRef {
+        id: manifest.id.clone(),
+        version: manifest.version,
+        sha256: manifest.weights.sha256.clone(),
+    };
 
     // The plan: from the record when it is this rollout's, else from the statuses.
     let previous = match &options.record {
@@ -418,7 +475,16 @@ pub async fn rollout(
             .map(|(w, id)| {
                 // A device addressed by id without a status yet is tried at once.
                 let online = statuses.get(id).is_none_or(|s| s.online);
-                let mut d = Dev::new(id, w, online, record.finished.get(id).cloned());
+                let already = statuses
+                    .get(id)
+                    .filter(|s| s.active.as_ref() == Some(&model))
+                    .map(|_| DeviceOutcome {
+                        device: id.clone(),
+                        state: Some(ReportState::Activated),
+                        reason: Some("already active".into()),
+                    });
+                let outcome = record.finished.get(id).cloned().or(already);
+                let mut d = Dev::new(id, w, online, outcome);
                 d.probe_every = options.probe_after;
                 d
             })
@@ -493,6 +559,7 @@ pub async fn rollout(
             &topics,
             &msg,
             &transfer_hex,
+            &model,
             count,
             &mut fleet,
             &mut journal,
@@ -800,6 +867,7 @@ pub async fn rollout(
                 &topics,
                 &msg,
                 &transfer_hex,
+                &model,
                 count,
                 &mut fleet,
                 &mut journal,
@@ -957,10 +1025,12 @@ enum Absorbed {
 }
 
 /// Folds a status or a report into the device's state.
+#[allow(clippy::too_many_arguments)]
 fn take_in(
     topics: &Topics,
     msg: &Incoming,
     transfer: &str,
+    model: &ModelRef,
     count: u32,
     fleet: &mut Fleet,
     journal: &mut Journal,
@@ -971,6 +1041,20 @@ fn take_in(
     };
     if kind == UpKind::Status {
         if let (Ok(s), Some(i)) = (Status::decode(&msg.payload), fleet.find(device)) {
+            if s.active.as_ref() == Some(model) && fleet.devs[i].phase != Phase::Done {
+                // Its final report was lost (this publisher was disconnected when it came),
+                // or the device already ran the model: its status says it is active.
+                let why = "its status shows the model active".to_string();
+                finish(
+                    fleet,
+                    journal,
+                    i,
+                    Some(ReportState::Activated),
+                    Some(why),
+                    tell,
+                );
+                return Absorbed::Finished;
+            }
             fleet.update(i, |d| {
                 let was = d.online;
                 d.online = s.online;
@@ -1046,5 +1130,28 @@ fn preview(ids: &[String]) -> String {
         ids.join(", ")
     } else {
         format!("{}, ... ({} more)", ids[..6].join(", "), ids.len() - 6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_fit_under_the_brokers_packet_limit() {
+        assert_eq!(fit_chunk(256 << 10, None).unwrap(), 256 << 10);
+        assert_eq!(
+            fit_chunk(4 << 20, None).unwrap(),
+            crate::messages::MAX_CHUNK
+        );
+        // AWS IoT: 128 KB packets.
+        let c = fit_chunk(256 << 10, Some(131_072)).unwrap();
+        assert!(c + PUBLISH_OVERHEAD + crate::messages::CHUNK_HEADER <= 131_072 && c >= 120 << 10);
+        assert_eq!(fit_chunk(64 << 10, Some(1 << 20)).unwrap(), 64 << 10);
+        let e = fit_chunk(64 << 10, Some(10_000)).unwrap_err().to_string();
+        assert!(
+            e.contains("10000 bytes") && e.contains("max_packet_size"),
+            "{e}"
+        );
     }
 }

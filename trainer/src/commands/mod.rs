@@ -5,6 +5,7 @@ pub mod compress;
 pub mod device_check;
 pub mod eval;
 pub mod finetune;
+pub mod fleet;
 pub mod init_model;
 pub mod keygen;
 pub mod package;
@@ -103,6 +104,9 @@ pub enum Command {
     /// Roll a package out over MQTT: offer, chunks, repair, wait for every device's report.
     /// Exits non-zero when a device refused or failed, or the canary halted the rollout.
     Publish(publish::Args),
+    /// The fleet: statuses, the broker ACL, a verdict consumer.
+    #[command(subcommand)]
+    Fleet(fleet::Command),
     /// Send a signed rollback command: devices go back to a kept earlier model and refuse the
     /// version they left until an `allow` command.
     Rollback(rollback::Args),
@@ -139,6 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Package(args) => package::run(args, &device),
         Command::Compress(args) => compress::run(args, &device),
         Command::Publish(args) => publish::run(args),
+        Command::Fleet(command) => fleet::run(command),
         Command::Resign(args) => resign::run(args),
         Command::Rollback(args) => rollback::run(args),
         Command::Allow(args) => rollback::run_allow(args),
