@@ -1,8 +1,10 @@
 //! Fleet rollouts over a real mosquitto to simulated devices (`edge fleet-sim`: the daemon's own
 //! transfer code, tens of devices in one process) with the real publisher (`trainer publish`):
 //! waves in order, devices killed mid-transfer and back, devices offline at the start served when
-//! they return after the publisher was restarted on its record, and an abort threshold that stops
-//! a rollout before its last wave. `scripts/bench/fleet` runs the same scenarios at 1,000.
+//! they return after the publisher was restarted on its record, an abort threshold that stops a
+//! rollout before its last wave, the broker restarted mid-rollout, a broker packet limit, the
+//! generated ACL, and shared verdict consumers. `scripts/bench/fleet` runs the rollout scenarios
+//! at 1,000 devices and more.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,13 +76,16 @@ fn fleet(n: usize, prefix: &str, args: &[&str]) -> (tempfile::TempDir, Broker, S
 }
 
 fn publish(broker: &Broker, args: &[&str]) -> (bool, String) {
+    publish_to(&broker.addr(), args)
+}
+
+fn publish_to(addr: &str, args: &[&str]) -> (bool, String) {
     let (package, key) = factory();
-    let addr = broker.addr();
     let mut all = vec![
         "publish",
         &package,
         "--broker",
-        &addr,
+        addr,
         "--site",
         "test",
         "--verify-with",
@@ -590,4 +595,43 @@ fn chunks_fit_the_packet_limit_the_broker_states() {
     );
     let summary = sim.finish();
     assert_eq!(summary["activated"], n, "{summary:#}");
+}
+
+/// The broker restarted in the middle of a rollout (offers still going out at 5 a second): every
+/// device reconnects, and the rollout completes.
+#[test]
+fn broker_restart_mid_rollout_every_device_reconnects_and_activates() {
+    let n = 20;
+    let (_dir, mut broker, sim) = fleet(n, "br", &["--run-s", "90", "--linger-s", "8"]);
+    let w = Watcher::start(broker.port);
+    let addr = broker.addr();
+    let publisher = std::thread::spawn(move || {
+        publish_to(
+            &addr,
+            &[
+                "--to",
+                "group:line",
+                "--max-per-minute",
+                "300",
+                "--timeout",
+                "80",
+            ],
+        )
+    });
+    // The first report: the rollout is under way.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while w.all::<protocol::Report>("/report").is_empty() {
+        assert!(std::time::Instant::now() < until, "no report");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker.restart();
+    let (ok, out) = publisher.join().unwrap();
+    assert!(ok, "{out}");
+    let summary = sim.finish();
+    assert_eq!(summary["activated"], n, "{summary:#}");
+    assert_eq!(summary["devices_reconnected"], n, "{summary:#}");
+    assert!(
+        summary["reconnect_max_s"].as_f64().unwrap() < 30.0,
+        "{summary:#}"
+    );
 }

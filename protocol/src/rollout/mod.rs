@@ -181,8 +181,20 @@ pub fn offer_for(
 
 /// What the send task publishes, in order.
 enum Job {
-    Chunk { topic: String, index: u32 },
-    Message { topic: String, payload: Vec<u8> },
+    Chunk {
+        topic: String,
+        index: u32,
+    },
+    /// The offer addressed to one device, encoded when it goes out: a wave of thousands of
+    /// offers (each carries the manifest) does not sit in the queue in full.
+    Offer {
+        topic: String,
+        device: String,
+    },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
 }
 
 /// Publishes jobs in order; `done` counts the jobs handed to the client.
@@ -196,7 +208,12 @@ struct Sender {
 }
 
 impl Sender {
-    fn start(conn: &Connection, pieces: Arc<Vec<Vec<u8>>>, transfer: [u8; 32]) -> Self {
+    fn start(
+        conn: &Connection,
+        pieces: Arc<Vec<Vec<u8>>>,
+        transfer: [u8; 32],
+        offer: Arc<Offer>,
+    ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -221,6 +238,11 @@ impl Sender {
                             }
                             .encode();
                             (topic, frame)
+                        }
+                        Job::Offer { topic, device } => {
+                            let mut o = (*offer).clone();
+                            o.target = Target::Device(device);
+                            (topic, o.encode())
                         }
                         Job::Message { topic, payload } => (topic, payload),
                     };
@@ -518,18 +540,13 @@ pub async fn rollout(
             .map(<[u8]>::to_vec)
             .collect(),
     );
-    let mut sender = Sender::start(&conn, pieces.clone(), transfer);
+    let mut sender = Sender::start(&conn, pieces.clone(), transfer, Arc::new(offer.clone()));
     let chunk_topic = topics.transfer(&transfer_hex, DownKind::Chunk);
     let complete = Complete {
         transfer: transfer_hex.clone(),
         chunks: count,
     }
     .encode();
-    let offer_bytes = |id: &str| {
-        let mut o = offer.clone();
-        o.target = Target::Device(id.to_string());
-        o.encode()
-    };
 
     // The broadcast under way: chunk index -> queue position.
     let mut round: HashMap<u32, u64> = HashMap::new();
@@ -546,6 +563,7 @@ pub async fn rollout(
         .map(|m| (m.max(1) as f64 / 60.0).max(1.0));
     let mut last_refill = Instant::now();
     let mut repair_bytes = 0u64;
+    let mut connects = conn.connects.load(Ordering::Acquire);
     let mut wave_announced: Option<usize> = None;
     let deadline = start + options.timeout;
     // Timeouts, probes and progress walk the devices in flight: four times a second, not on
@@ -570,6 +588,22 @@ pub async fn rollout(
     loop {
         let now = Instant::now();
         let slow = now >= slow_due;
+        // 0. This publisher reconnected: what it handed to the client meanwhile may be lost,
+        // and a restarted broker has forgotten which devices listened on the transfer's topic
+        // (their reconnect statuses came while this publisher was away). Everything from here
+        // goes to each device's own topic, and quiet devices are probed without waiting for a
+        // broadcast that may never arrive.
+        let seen = conn.connects.load(Ordering::Acquire);
+        if seen != connects {
+            connects = seen;
+            round.clear();
+            delivering = None;
+            gather_since = None;
+            for &i in &fleet.active {
+                fleet.devs[i].subscribed = false;
+            }
+            tracing::info!("reconnected to the broker: repairs go to each device's own topic");
+        }
         if slow {
             slow_due = now + Duration::from_millis(250);
         }
@@ -673,9 +707,10 @@ pub async fn rollout(
                     }
                     *t -= 1.0;
                 }
-                let pos = sender.push(Job::Message {
-                    topic: topics.down(&Target::Device(fleet.devs[i].id.clone()), DownKind::Offer),
-                    payload: offer_bytes(&fleet.devs[i].id),
+                let id = fleet.devs[i].id.clone();
+                let pos = sender.push(Job::Offer {
+                    topic: topics.down(&Target::Device(id.clone()), DownKind::Offer),
+                    device: id,
                 });
                 fleet.update(i, |d| {
                     d.last_send = pos;
@@ -819,9 +854,9 @@ pub async fn rollout(
                 }
                 let device = Target::Device(d.id.clone());
                 d.last_send = if d.phase == Phase::Offered {
-                    sender.push(Job::Message {
+                    sender.push(Job::Offer {
                         topic: topics.down(&device, DownKind::Offer),
-                        payload: offer_bytes(&d.id),
+                        device: d.id.clone(),
                     })
                 } else {
                     sender.push(Job::Message {
@@ -843,6 +878,10 @@ pub async fn rollout(
                     *last = c;
                     progress(&counts_line(&labels[w], waves[w].len(), &c));
                 }
+            }
+            let behind = sender.queued - sender.done();
+            if behind > 0 {
+                progress(&format!("{behind} message(s) waiting to be sent"));
             }
         }
         journal.sync_now_and_then();
