@@ -2,8 +2,6 @@
 //! and a small connection wrapper that keeps rumqttc's event loop running and reconnecting.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
@@ -204,11 +202,6 @@ pub struct Connection {
     pub client: AsyncClient,
     pub incoming: mpsc::Receiver<Incoming>,
     pub connected: watch::Receiver<bool>,
-    /// How many times the broker has accepted this connection (CONNACKs): a change means a
-    /// reconnect, after which the broker may have forgotten every subscription and queued
-    /// message (a restart without persistence) and messages handed to the client meanwhile may
-    /// be lost.
-    pub connects: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -254,7 +247,6 @@ impl Connection {
         let (client, eventloop) = AsyncClient::new(options, 256);
         let (tx, rx) = mpsc::channel(queue);
         let (up_tx, up_rx) = watch::channel(false);
-        let connects = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(drive(
             eventloop,
             client.clone(),
@@ -262,13 +254,11 @@ impl Connection {
             tx,
             up_tx,
             acks,
-            connects.clone(),
         ));
         Connection {
             client,
             incoming: rx,
             connected: up_rx,
-            connects,
             task,
         }
     }
@@ -317,7 +307,6 @@ async fn drive(
     tx: mpsc::Sender<Incoming>,
     up: watch::Sender<bool>,
     acks: Option<mpsc::UnboundedSender<AckEvent>>,
-    connects: Arc<AtomicU64>,
 ) {
     let mut logged_down = false;
     let mut attempt = 0u32;
@@ -325,7 +314,6 @@ async fn drive(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connects.fetch_add(1, Ordering::Release);
                 // Subscribe again on every connection (a restarted broker without persistence
                 // forgot us). Not try_subscribe: with publishes queued during the outage the
                 // request channel can be full, and a dropped subscribe would leave us deaf.

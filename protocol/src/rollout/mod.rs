@@ -129,6 +129,20 @@ impl DeviceOutcome {
     }
 }
 
+/// `device: state (reason)`, as the publisher's lines and final table show it.
+impl std::fmt::Display for DeviceOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.state {
+            Some(s) => write!(f, "{}: {}", self.device, format!("{s:?}").to_lowercase())?,
+            None => write!(f, "{}: no answer", self.device)?,
+        }
+        match &self.reason {
+            Some(r) => write!(f, " ({r})"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One wave's devices and how they ended.
 #[derive(Clone, Debug)]
 pub struct WaveReport {
@@ -563,7 +577,9 @@ pub async fn rollout(
         .map(|m| (m.max(1) as f64 / 60.0).max(1.0));
     let mut last_refill = Instant::now();
     let mut repair_bytes = 0u64;
-    let mut connects = conn.connects.load(Ordering::Acquire);
+    // The connection's ups and downs: after a drop, what was handed to the client may be lost.
+    let mut link = conn.connected.clone();
+    link.mark_unchanged();
     let mut wave_announced: Option<usize> = None;
     let deadline = start + options.timeout;
     // Timeouts, probes and progress walk the devices in flight: four times a second, not on
@@ -588,21 +604,22 @@ pub async fn rollout(
     loop {
         let now = Instant::now();
         let slow = now >= slow_due;
-        // 0. This publisher reconnected: what it handed to the client meanwhile may be lost,
-        // and a restarted broker has forgotten which devices listened on the transfer's topic
-        // (their reconnect statuses came while this publisher was away). Everything from here
-        // goes to each device's own topic, and quiet devices are probed without waiting for a
-        // broadcast that may never arrive.
-        let seen = conn.connects.load(Ordering::Acquire);
-        if seen != connects {
-            connects = seen;
+        // 0. This publisher lost the broker (and came back): what it handed to the client
+        // meanwhile may be lost, and a restarted broker has forgotten which devices listened on
+        // the transfer's topic (their reconnect statuses came while this publisher was away).
+        // Everything from here goes to each device's own topic, and quiet devices are probed
+        // without waiting for a broadcast that may never arrive.
+        if link.has_changed().unwrap_or(false) {
+            let up = *link.borrow_and_update();
             round.clear();
             delivering = None;
             gather_since = None;
             for &i in &fleet.active {
                 fleet.devs[i].subscribed = false;
             }
-            tracing::info!("reconnected to the broker: repairs go to each device's own topic");
+            if up {
+                tracing::info!("reconnected to the broker: repairs go to each device's own topic");
+            }
         }
         if slow {
             slow_due = now + Duration::from_millis(250);
@@ -1004,17 +1021,7 @@ fn finish(
         reason,
     };
     if tell.each_device || !o.succeeded() {
-        (tell.progress)(&format!(
-            "{}: {}{}",
-            o.device,
-            state
-                .map(|s| format!("{s:?}").to_lowercase())
-                .unwrap_or("no answer".into()),
-            o.reason
-                .as_ref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        ));
+        (tell.progress)(&o.to_string());
     }
     journal.finished(&o);
     fleet.update(i, |d| {

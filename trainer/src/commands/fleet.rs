@@ -27,12 +27,19 @@ pub enum Command {
 pub struct StatusArgs {
     #[command(flatten)]
     broker: BrokerArgs,
-    /// Output: table (default), json (the statuses), or list (a fleet list for `fleet acl`).
-    #[arg(long, default_value = "table")]
-    format: String,
+    /// Output: table, json (the statuses), or list (a fleet list for `fleet acl`).
+    #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
+    format: StatusFormat,
     /// Longest wait for the statuses, seconds.
     #[arg(long, default_value_t = 5.0)]
     wait_s: f64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatusFormat {
+    Table,
+    Json,
+    List,
 }
 
 #[derive(clap::Args)]
@@ -81,11 +88,6 @@ pub fn run(command: Command) -> Result<()> {
 }
 
 fn status(args: StatusArgs) -> Result<()> {
-    anyhow::ensure!(
-        matches!(args.format.as_str(), "table" | "json" | "list"),
-        "--format {}: expected table, json or list",
-        args.format
-    );
     let broker = args.broker.config()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let statuses = runtime.block_on(protocol::rollout::fleet_statuses(
@@ -94,17 +96,17 @@ fn status(args: StatusArgs) -> Result<()> {
         Duration::from_secs_f64(args.wait_s),
     ))?;
     let now = protocol::unix_now_ms() / 1000;
-    match args.format.as_str() {
-        "json" => {
+    match args.format {
+        StatusFormat::Json => {
             let all: Vec<&protocol::Status> = statuses.values().collect();
             println!("{}", serde_json::to_string_pretty(&all)?);
         }
-        "list" => {
+        StatusFormat::List => {
             for s in statuses.values() {
                 println!("{} {} {}", s.device, s.line, s.groups.join(" "));
             }
         }
-        _ => print!("{}", status_table(&statuses, now)),
+        StatusFormat::Table => print!("{}", status_table(&statuses, now)),
     }
     Ok(())
 }

@@ -186,18 +186,7 @@ fn final_table(report: &protocol::rollout::RolloutReport) -> String {
             let _ = writeln!(out, "{}:", wave.label);
         }
         for d in shown {
-            let _ = writeln!(
-                out,
-                "  {}: {}{}",
-                d.device,
-                d.state
-                    .map(|s| format!("{s:?}").to_lowercase())
-                    .unwrap_or("no answer".into()),
-                d.reason
-                    .as_ref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            );
+            let _ = writeln!(out, "  {d}");
         }
     }
     out
