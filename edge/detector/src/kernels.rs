@@ -25,6 +25,9 @@ use crate::cpu::{self, KernelPath};
 /// Exact (erf) GELU as timm's `nn.GELU()`; fast path for inference on the Flex CPU backend.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
+    if crate::autograd::applies(&x) {
+        return crate::autograd::gelu(x);
+    }
     if device.is_autodiff() || device != Device::flex() || x.dtype() != DType::F32 {
         return reference_gelu(x);
     }
@@ -80,14 +83,62 @@ fn gelu_portable(x: &mut [f32]) {
     }
 }
 
-/// Whether [`window_attention`] can run these tensors: the Flex backend without autodiff,
-/// f32, a head size it is compiled for, and a bias of shape `[bias_windows, heads, n, n]`.
+/// GELU's backward pass in place: `grad[i] *= gelu'(x[i])`, where
+/// `gelu'(x) = Phi(x) + x phi(x)`, with the same `erf` as the forward pass.
+pub fn gelu_grad_in_place_with(path: KernelPath, x: &[f32], grad: &mut [f32]) {
+    assert!(path.supported(), "this CPU cannot run the {path} kernels");
+    assert_eq!(
+        x.len(),
+        grad.len(),
+        "GELU input and gradient differ in length"
+    );
+    const CHUNK: usize = 16 * 1024;
+    let run = |i: usize, g: &mut [f32]| {
+        let x = &x[i * CHUNK..][..g.len()];
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (both): the path's features were checked above.
+            KernelPath::Avx512Vnni => unsafe { gelu_grad_avx512(x, g) },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 | KernelPath::AvxVnni => unsafe { gelu_grad_avx2(x, g) },
+            _ => gelu_grad_portable(x, g),
+        }
+    };
+    for_each_chunk(grad, CHUNK, CHUNK + 1, run);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_grad_avx2(x: &[f32], g: &mut [f32]) {
+    gelu_grad_portable(x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn gelu_grad_avx512(x: &[f32], g: &mut [f32]) {
+    gelu_grad_portable(x, g)
+}
+
+#[inline(always)]
+fn gelu_grad_portable(x: &[f32], g: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (g, &x) in g.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        // exp's argument is clamped, so a large |x| gives phi ~ 0, not NaN.
+        let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+        *g *= cdf + x * pdf;
+    }
+}
+
+/// Whether [`window_attention`] can run these tensors: the Flex backend (without autodiff, or
+/// with it through [`crate::autograd`]), f32, a head size it is compiled for, and a bias of shape
+/// `[bias_windows, heads, n, n]`.
 pub fn window_attention_applies(qkv: &Tensor<3>, bias: &Tensor<4>, heads: usize) -> bool {
     let device = qkv.device();
     let [_, n, three_dim] = qkv.dims();
     let [bias_windows, bias_heads, bn, bm] = bias.dims();
     let dim = three_dim / 3;
-    !device.is_autodiff()
+    (!device.is_autodiff() || crate::autograd::applies(qkv))
         && device == Device::flex()
         && qkv.dtype() == DType::F32
         && bias.dtype() == DType::F32
@@ -108,7 +159,8 @@ pub fn window_attention_applies(qkv: &Tensor<3>, bias: &Tensor<4>, heads: usize)
 /// `bias[w % bias_windows]` (relative-position bias, plus the shift mask when there is one).
 /// Returns `[windows, n, dim]` with the heads merged. Call it where
 /// [`window_attention_applies`]; both tensors are taken by value because burn reads a tensor
-/// that nothing else holds in place, and copies a shared one element by element.
+/// that nothing else holds in place, and copies a shared one element by element. Under
+/// autodiff the backward pass is [`attention_backward`] (through [`crate::autograd`]).
 pub fn window_attention(qkv: Tensor<3>, bias: Tensor<4>, heads: usize, scale: f32) -> Tensor<3> {
     window_attention_with(cpu::active(), qkv, bias, heads, scale)
 }
@@ -126,38 +178,276 @@ pub fn window_attention_with(
         window_attention_applies(&qkv, &bias, heads),
         "window_attention called on tensors it does not apply to"
     );
+    if qkv.device().is_autodiff() {
+        return crate::autograd::window_attention(path, qkv, bias, heads, scale);
+    }
     let device = qkv.device();
     let [windows, n, three_dim] = qkv.dims();
-    let [bias_windows, _, _, _] = bias.dims();
-    let dim = three_dim / 3;
     let qkv_data = qkv.into_data();
     let bias_data = bias.into_data();
     let qkv_values = qkv_data.as_slice::<f32>().expect("checked f32");
     let bias_values = bias_data.as_slice::<f32>().expect("checked f32");
+    let shape = AttentionShape::new(n, three_dim / 3, heads, scale);
+    let out = attention_forward(path, &shape, qkv_values, bias_values);
+    Tensor::from_data(TensorData::new(out, [windows, n, three_dim / 3]), &device)
+}
+
+/// [`window_attention`] on slices: `qkv` `[windows, n, 3 dim]`, `bias` `[bias_windows, heads,
+/// n, n]`; returns `[windows, n, dim]`.
+pub(crate) fn attention_forward(
+    path: KernelPath,
+    shape: &AttentionShape,
+    qkv: &[f32],
+    bias: &[f32],
+) -> Vec<f32> {
+    let AttentionShape { n, dim, heads, .. } = *shape;
+    let windows = qkv.len() / (n * 3 * dim);
+    let bias_windows = bias.len() / (heads * n * n);
     let mut out = vec![0f32; windows * n * dim];
-    let shape = AttentionShape {
-        n,
-        dim,
-        heads,
-        head_dim: dim / heads,
-        scale,
-    };
     out.par_chunks_mut(n * dim)
         .enumerate()
         .for_each(|(w, out_window)| {
-            let qkv_window = &qkv_values[w * n * three_dim..(w + 1) * n * three_dim];
+            let qkv_window = &qkv[w * n * 3 * dim..(w + 1) * n * 3 * dim];
             let b = w % bias_windows;
-            let bias_window = &bias_values[b * heads * n * n..(b + 1) * heads * n * n];
-            attend_window(path, &shape, qkv_window, bias_window, out_window);
+            let bias_window = &bias[b * heads * n * n..(b + 1) * heads * n * n];
+            attend_window(path, shape, qkv_window, bias_window, out_window);
         });
-    Tensor::from_data(TensorData::new(out, [windows, n, dim]), &device)
+    out
 }
 
-/// Whether [`windows_from_image`] and [`image_from_windows`] apply: the Flex backend without
-/// autodiff, f32.
+/// The backward pass of [`window_attention`]: given the forward's inputs and the gradient of
+/// its output (`[windows, n, dim]`), the gradients of `qkv` (`[windows, n, 3 dim]`) and of
+/// `bias` (`[bias_windows, heads, n, n]`, summed over the windows that share each bias).
+/// The softmax is recomputed per window and head (n x n scores: cheaper than keeping them).
+pub(crate) fn attention_backward(
+    path: KernelPath,
+    shape: &AttentionShape,
+    qkv: &[f32],
+    bias: &[f32],
+    grad_out: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(path.supported(), "this CPU cannot run the {path} kernels");
+    let AttentionShape { n, dim, heads, .. } = *shape;
+    let window_len = n * 3 * dim;
+    let windows = qkv.len() / window_len;
+    let bias_len = bias.len();
+    let bias_windows = bias_len / (heads * n * n);
+    assert_eq!(
+        grad_out.len(),
+        windows * n * dim,
+        "attention gradient of the wrong size"
+    );
+    let mut grad_qkv = vec![0f32; qkv.len()];
+    // Windows in a few large pieces, each summing its bias gradient privately.
+    let pieces = (rayon::current_num_threads() * 4).max(1);
+    let per_piece = windows.div_ceil(pieces).max(1);
+    let grad_bias = grad_qkv
+        .par_chunks_mut(per_piece * window_len)
+        .enumerate()
+        .map(|(piece, grad_qkv)| {
+            let mut grad_bias = vec![0f32; bias_len];
+            let mut scratch = AttentionScratch::new(shape);
+            for (i, grad_qkv_window) in grad_qkv.chunks_mut(window_len).enumerate() {
+                let w = piece * per_piece + i;
+                let b = (w % bias_windows) * heads * n * n;
+                let window = WindowGrad {
+                    qkv: &qkv[w * window_len..(w + 1) * window_len],
+                    bias: &bias[b..b + heads * n * n],
+                    grad_out: &grad_out[w * n * dim..(w + 1) * n * dim],
+                    grad_qkv: grad_qkv_window,
+                    grad_bias: &mut grad_bias[b..b + heads * n * n],
+                };
+                attend_window_backward(path, shape, window, &mut scratch);
+            }
+            grad_bias
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; bias_len]);
+    (grad_qkv, grad_bias)
+}
+
+/// One window's slices for [`attend_window_backward`].
+struct WindowGrad<'a> {
+    qkv: &'a [f32],
+    bias: &'a [f32],
+    grad_out: &'a [f32],
+    grad_qkv: &'a mut [f32],
+    grad_bias: &'a mut [f32],
+}
+
+/// Per-thread buffers of the backward pass (one head at a time).
+struct AttentionScratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    dout: Vec<f32>,
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl AttentionScratch {
+    fn new(shape: &AttentionShape) -> Self {
+        let (n, hd) = (shape.n, shape.head_dim);
+        let v = || vec![0f32; n * hd];
+        Self {
+            q: v(),
+            k: v(),
+            kt: v(),
+            vt: v(),
+            dout: v(),
+            p: vec![0f32; n * n],
+            dp: vec![0f32; n * n],
+            dq: v(),
+            dk: v(),
+            dv: v(),
+        }
+    }
+}
+
+fn attend_window_backward(
+    path: KernelPath,
+    shape: &AttentionShape,
+    window: WindowGrad,
+    scratch: &mut AttentionScratch,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both): attention_backward checked that the CPU supports the path.
+        KernelPath::Avx512Vnni => unsafe { attend_window_backward_avx512(shape, window, scratch) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::AvxVnni => unsafe {
+            attend_window_backward_avx2(shape, window, scratch)
+        },
+        _ => attend_window_backward_any(shape, window, scratch),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_window_backward_avx2(
+    shape: &AttentionShape,
+    window: WindowGrad,
+    scratch: &mut AttentionScratch,
+) {
+    attend_window_backward_any(shape, window, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn attend_window_backward_avx512(
+    shape: &AttentionShape,
+    window: WindowGrad,
+    scratch: &mut AttentionScratch,
+) {
+    attend_window_backward_any(shape, window, scratch)
+}
+
+/// `y += a * x` over equal-length slices (vectorised by the compiler).
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// One window, every head: S = scale q k^T + bias, P = softmax(S), out = P v; given dOut:
+/// dV = P^T dOut, dP = dOut v^T, dS = P (dP - rowsum(P dP)), dQ = scale dS k,
+/// dK = scale dS^T q, dBias += dS. Loops run along rows of n scores or hd channels, so that
+/// the compiler vectorises them for the path's width.
+#[inline(always)]
+fn attend_window_backward_any(
+    shape: &AttentionShape,
+    window: WindowGrad,
+    s: &mut AttentionScratch,
+) {
+    let AttentionShape {
+        n,
+        dim,
+        heads,
+        head_dim: hd,
+        scale,
+    } = *shape;
+    let row = 3 * dim;
+    for h in 0..heads {
+        // Gather this head's q, k, v (also transposed) and dOut.
+        for i in 0..n {
+            let base = i * row + h * hd;
+            s.q[i * hd..][..hd].copy_from_slice(&window.qkv[base..base + hd]);
+            s.k[i * hd..][..hd].copy_from_slice(&window.qkv[base + dim..base + dim + hd]);
+            for d in 0..hd {
+                s.kt[d * n + i] = window.qkv[base + dim + d];
+                s.vt[d * n + i] = window.qkv[base + 2 * dim + d];
+            }
+            s.dout[i * hd..][..hd].copy_from_slice(&window.grad_out[i * dim + h * hd..][..hd]);
+        }
+        let bias = &window.bias[h * n * n..(h + 1) * n * n];
+        for i in 0..n {
+            // Scores and softmax of row i.
+            let p = &mut s.p[i * n..(i + 1) * n];
+            p.copy_from_slice(&bias[i * n..(i + 1) * n]);
+            for d in 0..hd {
+                axpy(p, scale * s.q[i * hd + d], &s.kt[d * n..(d + 1) * n]);
+            }
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in p.iter_mut() {
+                *v = exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            p.iter_mut().for_each(|v| *v *= inv);
+            // dP row i = dOut_i v^T, then dS = P (dP - <P, dP>).
+            let dp = &mut s.dp[i * n..(i + 1) * n];
+            dp.fill(0.0);
+            for d in 0..hd {
+                axpy(dp, s.dout[i * hd + d], &s.vt[d * n..(d + 1) * n]);
+            }
+            let dot: f32 = p.iter().zip(dp.iter()).map(|(p, g)| p * g).sum();
+            for (g, p) in dp.iter_mut().zip(p.iter()) {
+                *g = p * (*g - dot);
+            }
+        }
+        let grad_bias = &mut window.grad_bias[h * n * n..(h + 1) * n * n];
+        grad_bias.iter_mut().zip(&s.dp).for_each(|(b, g)| *b += g);
+        s.dq.fill(0.0);
+        s.dk.fill(0.0);
+        s.dv.fill(0.0);
+        for i in 0..n {
+            let q_i = &s.q[i * hd..(i + 1) * hd];
+            let dout_i = &s.dout[i * hd..(i + 1) * hd];
+            let dq_i = &mut s.dq[i * hd..(i + 1) * hd];
+            for j in 0..n {
+                let ds = s.dp[i * n + j] * scale;
+                axpy(dq_i, ds, &s.k[j * hd..(j + 1) * hd]);
+                axpy(&mut s.dk[j * hd..(j + 1) * hd], ds, q_i);
+                axpy(&mut s.dv[j * hd..(j + 1) * hd], s.p[i * n + j], dout_i);
+            }
+        }
+        for i in 0..n {
+            let base = i * row + h * hd;
+            window.grad_qkv[base..base + hd].copy_from_slice(&s.dq[i * hd..(i + 1) * hd]);
+            window.grad_qkv[base + dim..base + dim + hd]
+                .copy_from_slice(&s.dk[i * hd..(i + 1) * hd]);
+            window.grad_qkv[base + 2 * dim..base + 2 * dim + hd]
+                .copy_from_slice(&s.dv[i * hd..(i + 1) * hd]);
+        }
+    }
+}
+
+/// Whether [`windows_from_image`] and [`image_from_windows`] apply: the Flex backend, f32
+/// (for training too, through [`crate::autograd`]).
 pub fn window_copy_applies(x: &Tensor<4>) -> bool {
     let device = x.device();
-    !device.is_autodiff() && device == Device::flex() && x.dtype() == DType::F32
+    (!device.is_autodiff() || crate::autograd::applies(x))
+        && device == Device::flex()
+        && x.dtype() == DType::F32
 }
 
 /// Windows per image and windows across for an `h x w` image padded to whole windows.
@@ -170,13 +460,28 @@ fn window_counts(h: usize, w: usize, window: [usize; 2]) -> (usize, usize) {
 /// `[b, h, w, c]` -> `[b * nW, wh * ww, c]`, windows in row-major order per image (timm's order).
 /// burn's path is three copies (roll, pad, permute). Call where [`window_copy_applies`].
 pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -> Tensor<3> {
+    if x.device().is_autodiff() {
+        return crate::autograd::windows_from_image(x, window, shift);
+    }
     let device = x.device();
     let [b, h, w, c] = x.dims();
+    let data = x.into_data();
+    let src = data.as_slice::<f32>().expect("checked f32");
+    let (out, dims) = gather_windows(src, [b, h, w, c], window, shift);
+    Tensor::from_data(TensorData::new(out, dims), &device)
+}
+
+/// [`windows_from_image`] on a row-major `[b, h, w, c]` slice: the windows and their shape.
+/// Also the backward pass of [`image_from_windows`] (padding positions get zero).
+pub(crate) fn gather_windows(
+    src: &[f32],
+    [b, h, w, c]: [usize; 4],
+    window: [usize; 2],
+    shift: [usize; 2],
+) -> (Vec<f32>, [usize; 3]) {
     let [wh, ww] = window;
     let n = wh * ww;
     let (nw, windows_across) = window_counts(h, w, window);
-    let data = x.into_data();
-    let src = data.as_slice::<f32>().expect("checked f32");
     let mut out = vec![0f32; b * nw * n * c];
     let fill = |index: usize, dst: &mut [f32]| {
         let (image, wi) = (index / nw, index % nw);
@@ -199,7 +504,7 @@ pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -
         }
     };
     for_each_chunk(&mut out, n * c, PARALLEL_COPY, fill);
-    Tensor::from_data(TensorData::new(out, [b * nw, n, c]), &device)
+    (out, [b * nw, n, c])
 }
 
 /// The inverse of [`windows_from_image`] in one copy: window reverse, crop of the padding and
@@ -212,13 +517,34 @@ pub fn image_from_windows(
     h: usize,
     w: usize,
 ) -> Tensor<4> {
+    if windows.device().is_autodiff() {
+        return crate::autograd::image_from_windows(windows, window, shift, [b, h, w]);
+    }
     let device = windows.device();
     let [_, n, c] = windows.dims();
+    let data = windows.into_data();
+    let src = data.as_slice::<f32>().expect("checked f32");
+    let out = scatter_windows(src, [n, c], window, shift, [b, h, w]);
+    Tensor::from_data(TensorData::new(out, [b, h, w, c]), &device)
+}
+
+/// [`image_from_windows`] on a `[b * nW, n, c]` slice: the `[b, h, w, c]` image. Also the
+/// backward pass of [`windows_from_image`] (every image position was copied exactly once).
+pub(crate) fn scatter_windows(
+    src: &[f32],
+    [n, c]: [usize; 2],
+    window: [usize; 2],
+    shift: [usize; 2],
+    [b, h, w]: [usize; 3],
+) -> Vec<f32> {
     let [wh, ww] = window;
     assert_eq!(n, wh * ww, "windows of {n} tokens for a {wh}x{ww} window");
     let (nw, windows_across) = window_counts(h, w, window);
-    let data = windows.into_data();
-    let src = data.as_slice::<f32>().expect("checked f32");
+    assert_eq!(
+        src.len(),
+        b * nw * n * c,
+        "windows of the wrong size for the image"
+    );
     let mut out = vec![0f32; b * h * w * c];
     // One destination row (image, oy) at a time: its tokens came from row y of the shifted grid.
     let fill = |row: usize, dst: &mut [f32]| {
@@ -234,7 +560,7 @@ pub fn image_from_windows(
         }
     };
     for_each_chunk(&mut out, w * c, PARALLEL_COPY, fill);
-    Tensor::from_data(TensorData::new(out, [b, h, w, c]), &device)
+    out
 }
 
 /// Copies over fewer elements run on the calling thread.
@@ -259,12 +585,25 @@ pub(crate) fn for_each_chunk(
     }
 }
 
-struct AttentionShape {
-    n: usize,
-    dim: usize,
-    heads: usize,
-    head_dim: usize,
-    scale: f32,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttentionShape {
+    pub n: usize,
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    pub(crate) fn new(n: usize, dim: usize, heads: usize, scale: f32) -> Self {
+        Self {
+            n,
+            dim,
+            heads,
+            head_dim: dim / heads,
+            scale,
+        }
+    }
 }
 
 /// Head sizes the kernel is compiled for (the edge model uses 24, swin_tiny 32).

@@ -4,6 +4,7 @@
 //! NEU-style surfaces (and their VOC annotations) that tests, the demo and the daemon's
 //! synthetic source draw. Nothing here knows MQTT, HTTP or sled.
 
+pub mod autograd;
 pub mod cli;
 pub mod cpu;
 pub mod device;
