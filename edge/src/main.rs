@@ -67,8 +67,9 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // cubecl logs a GPU backend that fails to start; the error says it once.
-                tracing_subscriber::EnvFilter::new("info,cubecl_common=error")
+                // cubecl logs a GPU backend that fails to start (the error says it once);
+                // pliron, the CUDA backend's LLVM passes, logs every kernel's IR at info.
+                tracing_subscriber::EnvFilter::new("info,cubecl_common=error,pliron=warn")
             }),
         )
         .with_writer(std::io::stderr)

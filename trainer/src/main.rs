@@ -12,9 +12,10 @@ fn main() -> anyhow::Result<()> {
     edge_detector::cpu::hold_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
-            // rumqttd (the demo's broker) logs every connection at info.
+            // rumqttd (the demo's broker) logs every connection at info; pliron (the CUDA
+            // backend's LLVM IR passes) logs every kernel's IR at info.
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,cubecl_common=error".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn,cubecl_common=error,pliron=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
