@@ -440,11 +440,22 @@ mod tests {
 
     #[test]
     fn window_attention_gradients_match_burns() {
-        // The edge model's head size (24) with 2 heads, one shifted stage (a bias per window,
-        // with a -100 mask-like block) and one plain (one bias for every window).
+        // Every head size the kernel is compiled for (the edge model's is 24, with 2 heads in
+        // its first stage) in 7 x 7 windows, and 9 x 9 windows (past the fast path's 64
+        // lanes); one shifted stage (a bias per window, with a -100 mask-like block) and one
+        // plain (one bias for every window).
+        let cases = [
+            (2usize, 24usize, 1usize, 49usize),
+            (2, 24, 4, 49),
+            (2, 16, 4, 49),
+            (1, 32, 4, 49),
+            (1, 48, 4, 49),
+            (1, 64, 4, 49),
+            (2, 24, 4, 81),
+        ];
         for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
-            for bias_windows in [1usize, 4] {
-                let (heads, hd, n, windows) = (2usize, 24usize, 49usize, 8usize);
+            for (heads, hd, bias_windows, n) in cases {
+                let windows = 8usize;
                 let dim = heads * hd;
                 let scale = (hd as f32).powf(-0.5);
                 let (qkv_a, qkv_r) = pair([windows, n, 3 * dim], 1.0);
@@ -498,13 +509,17 @@ mod tests {
                 let g_ours = (ours * weights.clone()).sum().backward();
                 let g_theirs = (theirs * weights).sum().backward();
                 assert_close(
-                    &format!("attention qkv gradient on {path}, {bias_windows} bias windows"),
+                    &format!(
+                        "attention qkv gradient on {path}, head width {hd}, {bias_windows} bias windows"
+                    ),
                     &values_of(qkv_a.grad(&g_ours).expect("gradient")),
                     &values_of(qkv_r.grad(&g_theirs).expect("gradient")),
                     1e-4,
                 );
                 assert_close(
-                    &format!("attention bias gradient on {path}, {bias_windows} bias windows"),
+                    &format!(
+                        "attention bias gradient on {path}, head width {hd}, {bias_windows} bias windows"
+                    ),
                     &values_of(bias_a.grad(&g_ours).expect("gradient")),
                     &values_of(bias_r.grad(&g_theirs).expect("gradient")),
                     1e-4,

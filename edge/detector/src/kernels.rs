@@ -296,11 +296,13 @@ impl AttentionScratch {
     fn new(shape: &AttentionShape) -> Self {
         let (n, hd) = (shape.n, shape.head_dim);
         let v = || vec![0f32; n * hd];
+        // Transposed k and v: rows of ROW lanes (zero past n) where a window fits in them.
+        let t = || vec![0f32; transposed_stride(n) * hd];
         Self {
             q: v(),
             k: v(),
-            kt: v(),
-            vt: v(),
+            kt: t(),
+            vt: t(),
             dout: v(),
             p: vec![0f32; n * n],
             dp: vec![0f32; n * n],
@@ -375,6 +377,7 @@ fn attend_window_backward_any(
         scale,
     } = *shape;
     let row = 3 * dim;
+    let stride = transposed_stride(n);
     for h in 0..heads {
         // Gather this head's q, k, v (also transposed) and dOut.
         for i in 0..n {
@@ -382,54 +385,22 @@ fn attend_window_backward_any(
             s.q[i * hd..][..hd].copy_from_slice(&window.qkv[base..base + hd]);
             s.k[i * hd..][..hd].copy_from_slice(&window.qkv[base + dim..base + dim + hd]);
             for d in 0..hd {
-                s.kt[d * n + i] = window.qkv[base + dim + d];
-                s.vt[d * n + i] = window.qkv[base + 2 * dim + d];
+                s.kt[d * stride + i] = window.qkv[base + dim + d];
+                s.vt[d * stride + i] = window.qkv[base + 2 * dim + d];
             }
             s.dout[i * hd..][..hd].copy_from_slice(&window.grad_out[i * dim + h * hd..][..hd]);
         }
         let bias = &window.bias[h * n * n..(h + 1) * n * n];
-        for i in 0..n {
-            // Scores and softmax of row i.
-            let p = &mut s.p[i * n..(i + 1) * n];
-            p.copy_from_slice(&bias[i * n..(i + 1) * n]);
-            for d in 0..hd {
-                axpy(p, scale * s.q[i * hd + d], &s.kt[d * n..(d + 1) * n]);
-            }
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for v in p.iter_mut() {
-                *v = exp(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            p.iter_mut().for_each(|v| *v *= inv);
-            // dP row i = dOut_i v^T, then dS = P (dP - <P, dP>).
-            let dp = &mut s.dp[i * n..(i + 1) * n];
-            dp.fill(0.0);
-            for d in 0..hd {
-                axpy(dp, s.dout[i * hd + d], &s.vt[d * n..(d + 1) * n]);
-            }
-            let dot: f32 = p.iter().zip(dp.iter()).map(|(p, g)| p * g).sum();
-            for (g, p) in dp.iter_mut().zip(p.iter()) {
-                *g = p * (*g - dot);
-            }
+        match hd {
+            16 => head_backward::<16>(n, scale, bias, s),
+            24 => head_backward::<24>(n, scale, bias, s),
+            32 => head_backward::<32>(n, scale, bias, s),
+            48 => head_backward::<48>(n, scale, bias, s),
+            64 => head_backward::<64>(n, scale, bias, s),
+            other => unreachable!("head dim {other} is filtered out before the kernel"),
         }
         let grad_bias = &mut window.grad_bias[h * n * n..(h + 1) * n * n];
         grad_bias.iter_mut().zip(&s.dp).for_each(|(b, g)| *b += g);
-        s.dq.fill(0.0);
-        s.dk.fill(0.0);
-        s.dv.fill(0.0);
-        for i in 0..n {
-            let q_i = &s.q[i * hd..(i + 1) * hd];
-            let dout_i = &s.dout[i * hd..(i + 1) * hd];
-            let dq_i = &mut s.dq[i * hd..(i + 1) * hd];
-            for j in 0..n {
-                let ds = s.dp[i * n + j] * scale;
-                axpy(dq_i, ds, &s.k[j * hd..(j + 1) * hd]);
-                axpy(&mut s.dk[j * hd..(j + 1) * hd], ds, q_i);
-                axpy(&mut s.dv[j * hd..(j + 1) * hd], s.p[i * n + j], dout_i);
-            }
-        }
         for i in 0..n {
             let base = i * row + h * hd;
             window.grad_qkv[base..base + hd].copy_from_slice(&s.dq[i * hd..(i + 1) * hd]);
@@ -438,6 +409,155 @@ fn attend_window_backward_any(
             window.grad_qkv[base + 2 * dim..base + 2 * dim + hd]
                 .copy_from_slice(&s.dv[i * hd..(i + 1) * hd]);
         }
+    }
+}
+
+/// Lanes of one score row in the backward pass's fast path (windows of up to 8 x 8).
+const ROW: usize = 64;
+
+/// Row stride of the transposed k and v: [`ROW`] where a window fits in it, else `n`.
+fn transposed_stride(n: usize) -> usize {
+    if n <= ROW { ROW } else { n }
+}
+
+/// One head of the backward pass: P and dS row by row (into `s.p`, `s.dp`), then the
+/// gradients of q, k and v.
+#[inline(always)]
+fn head_backward<const HD: usize>(n: usize, scale: f32, bias: &[f32], s: &mut AttentionScratch) {
+    if n <= ROW {
+        head_rows::<HD>(n, scale, bias, s);
+    } else {
+        head_rows_any(n, HD, scale, bias, s);
+    }
+    head_grads::<HD>(n, scale, s);
+}
+
+/// P = softmax(scale q k^T + bias) and dS = P (dP - rowsum(P dP)) with dP = dOut v^T, one row
+/// at a time in [`ROW`] lanes held in registers (positions past n masked), for windows of at
+/// most [`ROW`] positions.
+#[inline(always)]
+fn head_rows<const HD: usize>(n: usize, scale: f32, bias: &[f32], s: &mut AttentionScratch) {
+    const PARTS: usize = 16;
+    for i in 0..n {
+        let q_i: [f32; HD] = s.q[i * HD..(i + 1) * HD].try_into().expect("HD channels");
+        let dout_i: [f32; HD] = s.dout[i * HD..(i + 1) * HD]
+            .try_into()
+            .expect("HD channels");
+        let mut p = [f32::NEG_INFINITY; ROW];
+        p[..n].copy_from_slice(&bias[i * n..(i + 1) * n]);
+        let mut dp = [0f32; ROW];
+        for d in 0..HD {
+            let (a, b) = (scale * q_i[d], dout_i[d]);
+            let kt: &[f32; ROW] = s.kt[d * ROW..(d + 1) * ROW].try_into().expect("ROW");
+            let vt: &[f32; ROW] = s.vt[d * ROW..(d + 1) * ROW].try_into().expect("ROW");
+            for c in 0..ROW {
+                p[c] += a * kt[c];
+                dp[c] += b * vt[c];
+            }
+        }
+        let mut max = [f32::NEG_INFINITY; PARTS];
+        for c in 0..ROW {
+            max[c % PARTS] = max[c % PARTS].max(p[c]);
+        }
+        let max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for v in p.iter_mut() {
+            *v = exp(*v - max);
+        }
+        p[n..].fill(0.0);
+        let mut sum = [0f32; PARTS];
+        for c in 0..ROW {
+            sum[c % PARTS] += p[c];
+        }
+        let inv = 1.0 / sum.into_iter().sum::<f32>();
+        let mut dot = [0f32; PARTS];
+        for c in 0..ROW {
+            p[c] *= inv;
+            dot[c % PARTS] += p[c] * dp[c];
+        }
+        let dot: f32 = dot.into_iter().sum();
+        for c in 0..ROW {
+            dp[c] = p[c] * (dp[c] - dot);
+        }
+        s.p[i * n..(i + 1) * n].copy_from_slice(&p[..n]);
+        s.dp[i * n..(i + 1) * n].copy_from_slice(&dp[..n]);
+    }
+}
+
+/// [`head_rows`] for windows of any size (transposed k and v with row stride n).
+#[inline(always)]
+fn head_rows_any(n: usize, hd: usize, scale: f32, bias: &[f32], s: &mut AttentionScratch) {
+    for i in 0..n {
+        let p = &mut s.p[i * n..(i + 1) * n];
+        p.copy_from_slice(&bias[i * n..(i + 1) * n]);
+        for d in 0..hd {
+            axpy(p, scale * s.q[i * hd + d], &s.kt[d * n..(d + 1) * n]);
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in p.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        p.iter_mut().for_each(|v| *v *= inv);
+        let dp = &mut s.dp[i * n..(i + 1) * n];
+        dp.fill(0.0);
+        for d in 0..hd {
+            axpy(dp, s.dout[i * hd + d], &s.vt[d * n..(d + 1) * n]);
+        }
+        let dot: f32 = p.iter().zip(dp.iter()).map(|(p, g)| p * g).sum();
+        for (g, p) in dp.iter_mut().zip(p.iter()) {
+            *g = p * (*g - dot);
+        }
+    }
+}
+
+/// One head's dQ = scale dS k, dK = scale dS^T q and dV = P^T dOut (`dS` in `s.dp`), each
+/// output row summed in `HD` registers' worth of accumulators (a compile-time head width, so
+/// that the compiler keeps them in vector registers instead of loading and storing a short row
+/// per term).
+#[inline(always)]
+fn head_grads<const HD: usize>(n: usize, scale: f32, s: &mut AttentionScratch) {
+    let AttentionScratch {
+        q,
+        k,
+        dout,
+        p,
+        dp: ds,
+        dq,
+        dk,
+        dv,
+        ..
+    } = s;
+    let row = |m: &[f32], i: usize| -> [f32; HD] {
+        m[i * HD..(i + 1) * HD].try_into().expect("HD channels")
+    };
+    for i in 0..n {
+        let mut acc = [0f32; HD];
+        for (j, &a) in ds[i * n..(i + 1) * n].iter().enumerate() {
+            let k_j = row(k, j);
+            for d in 0..HD {
+                acc[d] += a * k_j[d];
+            }
+        }
+        for (out, acc) in dq[i * HD..(i + 1) * HD].iter_mut().zip(acc) {
+            *out = acc * scale;
+        }
+    }
+    for j in 0..n {
+        let (mut acc_k, mut acc_v) = ([0f32; HD], [0f32; HD]);
+        for i in 0..n {
+            let (a, b) = (ds[i * n + j], p[i * n + j]);
+            let (q_i, dout_i) = (row(q, i), row(dout, i));
+            for d in 0..HD {
+                acc_k[d] += a * q_i[d];
+                acc_v[d] += b * dout_i[d];
+            }
+        }
+        for (out, acc) in dk[j * HD..(j + 1) * HD].iter_mut().zip(acc_k) {
+            *out = acc * scale;
+        }
+        dv[j * HD..(j + 1) * HD].copy_from_slice(&acc_v);
     }
 }
 
