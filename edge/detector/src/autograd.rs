@@ -298,7 +298,7 @@ mod tests {
     }
 
     fn values_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().into_vec::<f32>().expect("f32")
+        t.into_data().try_into_vec::<f32>().expect("f32")
     }
 
     fn assert_close(what: &str, ours: &[f32], theirs: &[f32], tolerance: f32) {
