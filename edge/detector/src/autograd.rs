@@ -68,6 +68,28 @@ fn dims<const D: usize>(t: &FlexTensor) -> [usize; D] {
     std::array::from_fn(|i| shape[i])
 }
 
+/// `out` as the result of `op` on the tensors behind `nodes`: recorded in the graph with
+/// `state` for its backward pass when an input tracks gradients.
+fn record<O, const N: usize, const D: usize>(
+    op: O,
+    nodes: [NodeGuard; N],
+    state: O::State,
+    out: FlexTensor,
+) -> Tensor<D>
+where
+    O: Backward<Flex, N>,
+{
+    let result = match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive::<Ad>(result)
+}
+
 /// Exact (erf) GELU with its fused backward pass.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     gelu_with(cpu::active(), x)
@@ -98,15 +120,7 @@ pub fn gelu_with<const D: usize>(path: KernelPath, x: Tensor<D>) -> Tensor<D> {
     let mut out = values(&input).to_vec();
     kernels::gelu_in_place_with(path, &mut out);
     let out = tensor(out, shape);
-    let result = match Gelu
-        .prepare::<NoCheckpointing>([node])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((path, input), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Tensor::from_primitive::<Ad>(result)
+    record(Gelu, [node], (path, input), out)
 }
 
 /// Where a window copy goes: the window, the shift and the image's `[b, h, w]`.
@@ -153,15 +167,7 @@ pub fn windows_from_image(x: Tensor<4>, window: [usize; 2], shift: [usize; 2]) -
     let input = contiguous(input);
     let (out, out_dims) = kernels::gather_windows(values(&input), [b, h, w, c], window, shift);
     let out = tensor(out, out_dims);
-    let result = match Gather
-        .prepare::<NoCheckpointing>([node])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((layout, c), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Tensor::from_primitive::<Ad>(result)
+    record(Gather, [node], (layout, c), out)
 }
 
 /// [`kernels::image_from_windows`] under autodiff.
@@ -204,15 +210,7 @@ pub fn image_from_windows(
     let out = kernels::scatter_windows(values(&input), [n, c], window, shift, image);
     let [b, h, w] = image;
     let out = tensor(out, [b, h, w, c]);
-    let result = match Scatter
-        .prepare::<NoCheckpointing>([node])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((layout, c), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Tensor::from_primitive::<Ad>(result)
+    record(Scatter, [node], (layout, c), out)
 }
 
 /// [`kernels::window_attention`] under autodiff: gradients for `qkv` and `bias`.
@@ -276,15 +274,7 @@ pub fn window_attention(
         qkv,
         bias,
     };
-    let prep = Attention
-        .prepare::<NoCheckpointing>([qkv_node, bias_node])
-        .compute_bound()
-        .stateful();
-    let result = match prep {
-        OpsKind::Tracked(prep) => prep.finish(saved, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Tensor::from_primitive::<Ad>(result)
+    record(Attention, [qkv_node, bias_node], saved, out)
 }
 
 #[cfg(test)]
