@@ -462,6 +462,8 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // What the broker passed on, beside the consumers' share of it.
+    let w = Watcher::start(broker.port);
 
     // Four devices' verdicts, as the daemon writes them, and one malformed message.
     let topics = protocol::Topics::new("test").unwrap();
@@ -547,12 +549,19 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
         let _ = child.kill();
         let _ = child.wait();
         let got = read(&out);
-        assert!(!got.is_empty(), "a consumer got no verdict");
-        all.extend(got);
+        logs.push_str(&format!("-- {} verdict(s), log:\n", got.len()));
         logs.push_str(&std::fs::read_to_string(&err).unwrap());
+        assert!(!got.is_empty(), "a consumer got no verdict\n{logs}");
+        all.extend(got);
     }
     let distinct: std::collections::BTreeSet<(String, u64)> = all.iter().cloned().collect();
-    assert_eq!(all.len(), total, "verdicts repeated or lost");
+    assert_eq!(
+        all.len(),
+        total,
+        "verdicts repeated or lost ({} seen by a plain subscriber)\n{logs}\n{}",
+        w.all::<protocol::Verdict>("/verdict").len(),
+        broker.log()
+    );
     assert_eq!(distinct.len(), total);
     assert!(
         logs.contains("edgeinsp/test/line1/cam9/verdict: ") && logs.contains("skipped"),

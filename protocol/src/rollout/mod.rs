@@ -861,11 +861,15 @@ pub async fn rollout(
             for &i in active.iter() {
                 let d = &mut devs[i];
                 let quiet = now.duration_since(d.last_heard);
+                // Patience with the fleet's pace is for offers and for a broadcast under way;
+                // a device receiving on its own topic alone is probed on its own clock.
+                let patient = d.phase != Phase::Receiving
+                    || delivering.as_ref().is_some_and(|ids| ids.contains(&i));
                 if !d.online
                     || d.last_send >= done
                     || now < d.next_probe
                     || quiet < d.probe_every
-                    || (!fleet_quiet && quiet < Duration::from_secs(60))
+                    || (!fleet_quiet && patient && quiet < Duration::from_secs(60))
                 {
                     continue;
                 }
@@ -1107,8 +1111,11 @@ fn take_in(
                 if d.phase == Phase::Receiving && !msg.retain {
                     // Gone, or (re)connected: either way no longer on the transfer's topic (a
                     // retained status is an old one, replayed to this publisher's
-                    // subscription).
+                    // subscription). What was sent to it before may have found no
+                    // subscription (a restarted broker forgets them): its next report of what
+                    // it misses counts in full.
                     d.subscribed = false;
+                    d.sent.clear();
                 }
                 if s.online && !was && d.phase == Phase::Offered {
                     // Back before it answered its offer: offer again at once.

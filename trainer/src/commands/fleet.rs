@@ -211,15 +211,55 @@ fn verdicts(args: VerdictsArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut written = 0u64;
     let mut attempt = 0;
+    // Acknowledgements waiting for room in the client's request queue. This thread also drives
+    // the connection, so it must never block on a full queue (the event loop hands out up to
+    // ten received messages per network read, and would never get to the queued acks).
+    let mut unacked: std::collections::VecDeque<rumqttc::Publish> = Default::default();
+    let ack = |unacked: &mut std::collections::VecDeque<rumqttc::Publish>| -> Result<()> {
+        while let Some(p) = unacked.front() {
+            match client.try_ack(p) {
+                Ok(()) => {
+                    unacked.pop_front();
+                }
+                Err(rumqttc::ClientError::TryRequest(_)) => break,
+                Err(e) => return Err(e).context("acknowledging"),
+            }
+        }
+        Ok(())
+    };
+    let mut finished = false;
     for event in connection.iter() {
+        ack(&mut unacked)?;
+        if finished && unacked.is_empty() {
+            // --count reached and every verdict written is acknowledged.
+            let _ = client.disconnect();
+            break;
+        }
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
+                // A new session: what the last one did not acknowledge is the broker's to
+                // send again (a persistent session) or gone with it (a clean one).
+                unacked.clear();
                 client
                     .subscribe(filter.as_str(), QoS::AtLeastOnce)
                     .context("subscribing")?;
+            }
+            // Consuming from the broker's acknowledgement on, not from the request.
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    anyhow::bail!(
+                        "the broker refused the subscription to {filter} (is this user allowed to read verdicts? see `trainer fleet acl`)"
+                    );
+                }
                 eprintln!("consuming {filter}");
             }
+            // Past --count: left unacknowledged for the broker to hand to another consumer.
+            Ok(Event::Incoming(Packet::Publish(_))) if finished => {}
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 match protocol::Verdict::decode(&p.payload) {
                     Ok(v)
@@ -237,10 +277,14 @@ fn verdicts(args: VerdictsArgs) -> Result<()> {
                     Err(e) => eprintln!("{}: {e}: skipped", p.topic),
                 }
                 // Written (or refused for good): the broker may forget it.
-                client.ack(&p).context("acknowledging")?;
+                unacked.push_back(p);
+                ack(&mut unacked)?;
                 if args.count.is_some_and(|c| written >= c) {
-                    let _ = client.disconnect();
-                    break;
+                    if unacked.is_empty() {
+                        let _ = client.disconnect();
+                        break;
+                    }
+                    finished = true;
                 }
             }
             Ok(_) => {}
