@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
-use edge_detector::loss::{LossConfig, detection_loss};
+use burn::tensor::activation::sigmoid;
+use edge_detector::loss::{LossConfig, detection_loss, distillation_loss};
 use edge_detector::{Detector, DetectorConfig, NEU_CLASSES, SwinConfig};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,13 @@ pub struct FinetuneConfig {
     /// evaluated beside the raw weights; the run's model is then the average.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// Distil from this detector model: its outputs on each training batch are soft targets
+    /// beside the labels (recovery of a pruned model from the unpruned one).
+    #[serde(default)]
+    pub teacher: Option<PathBuf>,
+    /// Weight of the distillation terms against the task loss.
+    #[serde(default = "unit")]
+    pub distill_weight: f64,
     pub backbone: SwinConfig,
 }
 
@@ -100,6 +108,8 @@ impl FinetuneConfig {
             augment: AugmentConfig::default(),
             max_steps: None,
             ema_decay: None,
+            teacher: None,
+            distill_weight: 1.0,
             backbone: SwinConfig::edge(),
         }
     }
@@ -249,6 +259,34 @@ fn initial_detector(
     }
 }
 
+/// The teacher of a distillation run, on the plain (inference) device: it must predict the
+/// student's classes at the student's input size.
+fn load_teacher(path: &Path, student: &Detector, device: &Device) -> Result<Detector> {
+    let teacher = Detector::load(path, device)
+        .with_context(|| format!("loading the teacher {}", path.display()))?;
+    if teacher.config.classes != student.config.classes {
+        bail!(
+            "teacher {}: its classes {:?} differ from the student's {:?}",
+            path.display(),
+            teacher.config.classes,
+            student.config.classes
+        );
+    }
+    if teacher.config.preprocess.input_size != student.config.preprocess.input_size
+        || teacher.config.strides() != student.config.strides()
+    {
+        bail!(
+            "teacher {}: input {:?} and strides {:?} differ from the student's {:?} and {:?}",
+            path.display(),
+            teacher.config.preprocess.input_size,
+            teacher.config.strides(),
+            student.config.preprocess.input_size,
+            student.config.strides()
+        );
+    }
+    Ok(teacher)
+}
+
 /// What a finished (or stopped) run returns.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -333,6 +371,10 @@ pub fn run(
         ),
         Some(_) => Some(detector.valid()),
     };
+    let teacher = match &config.teacher {
+        None => None,
+        Some(path) => Some(load_teacher(path, &detector, device)?),
+    };
     let mut loss_config = LossConfig::new();
     if config.class_balance {
         loss_config.class_weights = class_weights(&train, classes.len());
@@ -395,6 +437,20 @@ pub fn run(
             let wait = waiting.elapsed().as_secs_f64();
             wait_seconds += wait;
             let step_started = Instant::now();
+            // The teacher sees the same augmented batch, without a graph; its outputs move to
+            // the training device as plain data.
+            let soft_targets = teacher.as_ref().map(|teacher| {
+                let input = Tensor::<4>::from_data(
+                    TensorData::new(batch.pixels.clone(), [batch.count, 3, h, w]),
+                    device,
+                );
+                let out = teacher.model.forward(input);
+                let probs = sigmoid(out.cls_logits).into_data();
+                (
+                    Tensor::<3>::from_data(probs, &train_device),
+                    Tensor::<3>::from_data(out.box_ltrb.into_data(), &train_device),
+                )
+            });
             let input = Tensor::<4>::from_data(
                 TensorData::new(batch.pixels, [batch.count, 3, h, w]),
                 &train_device,
@@ -405,14 +461,31 @@ pub fn run(
             let mut output = compute.forward(config.precision.input(input));
             output.cls_logits = to_f32(output.cls_logits);
             output.box_ltrb = to_f32(output.box_ltrb);
-            let loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
-            let values: Vec<f32> = Tensor::cat(
-                vec![loss.total.clone(), loss.cls.clone(), loss.boxes.clone()],
-                0,
-            )
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .unwrap_or_default();
+            let mut loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
+            let mut parts = vec![loss.total.clone(), loss.cls.clone(), loss.boxes.clone()];
+            if let Some((probs, ltrb)) = soft_targets {
+                let (cls, boxes) = distillation_loss(
+                    &output,
+                    probs,
+                    ltrb,
+                    loss.positives as f64,
+                    loss_config.qfl_beta,
+                    0.05,
+                );
+                let distill = cls.clone() + boxes.clone() * loss_config.box_weight;
+                loss.total = loss.total + distill * config.distill_weight;
+                parts = vec![
+                    loss.total.clone(),
+                    parts[1].clone(),
+                    parts[2].clone(),
+                    cls,
+                    boxes,
+                ];
+            }
+            let values: Vec<f32> = Tensor::cat(parts, 0)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap_or_default();
             let lr = learning_rate(&config, state.step, total_steps, warmup_steps);
             let mut grads = loss.total.backward();
             if config.backbone_lr_scale != 1.0 && !backbone_frozen {
@@ -446,6 +519,7 @@ pub fn run(
                 metrics,
                 "{}",
                 serde_json::json!({"step": state.step, "epoch": state.epoch, "loss": total, "cls": values.get(1), "box": values.get(2),
+                    "distill_cls": values.get(3), "distill_box": values.get(4),
                     "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds,
                     "data_wait_s": wait})
             )?;

@@ -568,3 +568,80 @@ fn bf16_training_follows_f32_and_saves_f32() {
     }
     edge_detector::Detector::load(bf16_run.join("model.safetensors"), &Device::flex()).unwrap();
 }
+
+/// Distillation (`teacher`): every step logs the two distillation terms, and training on them
+/// moves the student towards the teacher's outputs (both terms fall); a teacher that sees
+/// another input size is refused with both sizes named.
+#[test]
+fn a_student_learns_its_teachers_outputs() {
+    let _serial = serial();
+    let (dir, data, start) = data_and_start();
+    // The teacher: another nano detector at the same size (other weights) that scores every
+    // location about 0.5 (the student starts at its prior, 0.01), so its boxes weigh too.
+    let teacher = dir.path().join("teacher.safetensors");
+    let mut teacher_config = edge_detector::DetectorConfig::edge_neu();
+    teacher_config.backbone = SwinConfig::nano().with_img_size([96, 96]);
+    teacher_config.preprocess.input_size = [96, 96];
+    teacher_config.head.prior_prob = 0.5;
+    let device = Device::flex();
+    device.seed(7);
+    edge_detector::Detector::new(teacher_config, &device)
+        .unwrap()
+        .save(&teacher)
+        .unwrap();
+    // The same 12 steps with and without the distillation terms in the loss.
+    let terms = |weight: f64, name: &str| -> Vec<f64> {
+        let out = dir.path().join(name);
+        changes_after_steps(&data, &start, &out, 12, |config| {
+            config.teacher = Some(teacher.clone());
+            config.distill_weight = weight;
+            config.epochs = 3;
+        });
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some(v["distill_cls"].as_f64()? + v["distill_box"].as_f64()?)
+            })
+            .collect()
+    };
+    let distilled = terms(20.0, "distilled");
+    let plain = terms(0.0, "plain");
+    assert_eq!(distilled.len(), 12, "{distilled:?}");
+    assert_eq!(plain.len(), 12, "{plain:?}");
+    let tail = |t: &[f64]| t[9..].iter().sum::<f64>();
+    assert!(
+        tail(&distilled) < 0.5 * tail(&plain),
+        "the distilled student is not nearer its teacher: {distilled:?} against {plain:?} without the terms"
+    );
+
+    // A teacher at 64 px for a student at 96 px.
+    let mut other = edge_detector::DetectorConfig::edge_neu();
+    other.backbone = SwinConfig::nano().with_img_size([64, 64]);
+    other.preprocess.input_size = [64, 64];
+    let wrong = dir.path().join("wrong.safetensors");
+    edge_detector::Detector::new(other, &device)
+        .unwrap()
+        .save(&wrong)
+        .unwrap();
+    let mut config = small_config(&data);
+    config.init = Some(start.clone());
+    config.teacher = Some(wrong.clone());
+    config.max_steps = Some(1);
+    let err = run(
+        &config,
+        &dir.path().join("refused"),
+        &device,
+        false,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_err();
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("wrong.safetensors")
+            && message.contains("[64, 64]")
+            && message.contains("[96, 96]"),
+        "{message}"
+    );
+}

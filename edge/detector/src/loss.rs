@@ -268,6 +268,61 @@ pub fn detection_loss(
     }
 }
 
+/// The distillation terms of a student's head outputs against a teacher's on the same batch
+/// (same locations and classes; the teacher's tensors carry no graph): the class term is the
+/// quality focal loss of the student's logits with the teacher's probabilities as soft targets at
+/// every location, divided by `normalizer` (the task loss's positives, so both terms weigh
+/// alike); the box term is the GIoU loss between the two boxes at each location, weighed by the
+/// teacher's top class probability where that is at least `min_weight`, a weighted mean.
+/// Returns `(cls, boxes)`.
+pub fn distillation_loss(
+    student: &HeadOutput,
+    teacher_probs: Tensor<3>,
+    teacher_ltrb: Tensor<3>,
+    normalizer: f64,
+    beta: f64,
+    min_weight: f32,
+) -> (Tensor<1>, Tensor<1>) {
+    let device = student.cls_logits.device();
+    let [b, l, k] = student.cls_logits.dims();
+    let probs: Vec<f32> = teacher_probs
+        .clone()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap_or_default();
+    let cls = quality_focal_loss(
+        student.cls_logits.clone().reshape([b * l, k]),
+        teacher_probs.reshape([b * l, k]),
+        beta,
+        None,
+    ) / normalizer.max(1.0);
+    let mut kept = Vec::new();
+    let mut weights = Vec::new();
+    for (i, row) in probs.chunks(k.max(1)).enumerate() {
+        let w = row.iter().copied().fold(0.0f32, f32::max);
+        if w >= min_weight {
+            kept.push(i as i64);
+            weights.push(w);
+        }
+    }
+    if kept.is_empty() {
+        return (cls, Tensor::zeros([1], &device));
+    }
+    let n = kept.len();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(kept, [n]), &device);
+    // GIoU does not depend on where the pair is, so both boxes sit on the origin: (-l, -t, r, b).
+    let sign = Tensor::<2>::from_data(
+        TensorData::new(vec![-1f32, -1.0, 1.0, 1.0], [1, 4]),
+        &device,
+    );
+    let boxes = |ltrb: Tensor<3>| ltrb.reshape([b * l, 4]).select(0, index.clone()) * sign.clone();
+    let (_, giou) = iou_giou(boxes(student.box_ltrb.clone()), boxes(teacher_ltrb));
+    let total: f32 = weights.iter().sum();
+    let weights = Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
+    let boxes = ((giou.neg() + 1.0) * weights).sum() / total as f64;
+    (cls, boxes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +356,51 @@ mod tests {
         // A perfect prediction costs nothing.
         let loss = scalar(quality_focal_loss(t1(&[-30.0]), t1(&[0.0]), 2.0, None));
         assert!(loss.abs() < 1e-9, "{loss}");
+    }
+
+    fn head(logits: Vec<f32>, ltrb: Vec<f32>, locations: usize, classes: usize) -> HeadOutput {
+        let d = Device::flex();
+        HeadOutput {
+            cls_logits: Tensor::from_data(TensorData::new(logits, [1, locations, classes]), &d),
+            box_ltrb: Tensor::from_data(TensorData::new(ltrb, [1, locations, 4]), &d),
+            level_sizes: vec![[1, locations]],
+        }
+    }
+
+    #[test]
+    fn distillation_is_zero_at_the_teacher_and_grows_away_from_it() {
+        let logits = vec![2.0f32, -3.0, -1.0, 0.5, -6.0, -6.0];
+        let ltrb = vec![
+            4.0f32, 5.0, 6.0, 7.0, 10.0, 2.0, 3.0, 9.0, 1.0, 1.0, 1.0, 1.0,
+        ];
+        let teacher = head(logits.clone(), ltrb.clone(), 3, 2);
+        let probs = sigmoid(teacher.cls_logits.clone());
+        let distill = |student: &HeadOutput, min_weight: f32| {
+            let (c, b) = distillation_loss(
+                student,
+                probs.clone(),
+                teacher.box_ltrb.clone(),
+                2.0,
+                2.0,
+                min_weight,
+            );
+            (scalar(c), scalar(b))
+        };
+        let (c, b) = distill(&teacher, 0.05);
+        assert!(c.abs() < 1e-7 && b.abs() < 1e-6, "{c} {b}");
+        // Boxes 10% and 50% too wide, logits pushed off: both terms grow with the distance.
+        let wider = |f: f32| ltrb.iter().map(|v| v * f).collect::<Vec<_>>();
+        let off = |f: f32| logits.iter().map(|v| v + f).collect::<Vec<_>>();
+        let (c1, b1) = distill(&head(off(0.5), wider(1.1), 3, 2), 0.05);
+        let (c2, b2) = distill(&head(off(2.0), wider(1.5), 3, 2), 0.05);
+        assert!(c1 > 1e-4 && c2 > c1, "{c1} {c2}");
+        assert!(b1 > 1e-3 && b2 > b1, "{b1} {b2}");
+        // Location 3 (teacher's top probability 0.0025) carries no box weight: changing its box
+        // changes nothing; above every location's weight, the box term is zero.
+        let mut far = ltrb.clone();
+        far[8..].copy_from_slice(&[50.0, 50.0, 1.0, 1.0]);
+        assert_eq!(distill(&head(logits.clone(), far, 3, 2), 0.05).1, 0.0);
+        assert_eq!(distill(&head(off(1.0), wider(2.0), 3, 2), 0.99).1, 0.0);
     }
 
     #[test]

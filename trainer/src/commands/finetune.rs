@@ -116,6 +116,13 @@ pub struct Args {
     /// (the raw weights go to raw.safetensors).
     #[arg(long)]
     ema_decay: Option<f64>,
+    /// Distil from this detector model (e.g. the unpruned model a pruned one came from): its
+    /// outputs on each training batch become soft targets beside the labels.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Weight of the distillation terms (class and box) against the task loss.
+    #[arg(long, default_value_t = 1.0, requires = "teacher")]
+    distill_weight: f64,
     /// Stop after this many optimizer steps (quick checks).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -155,6 +162,8 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         rot90,
         drop_path,
         ema_decay,
+        teacher,
+        distill_weight,
         max_steps,
         resume,
     } = args;
@@ -224,6 +233,11 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         anyhow::bail!("--ema-decay {d}: give a decay in [0, 1), e.g. 0.9995");
     }
     config.ema_decay = ema_decay;
+    if !(distill_weight >= 0.0 && distill_weight.is_finite()) {
+        anyhow::bail!("--distill-weight {distill_weight}: give a weight >= 0");
+    }
+    config.teacher = teacher;
+    config.distill_weight = distill_weight;
     let outcome = crate::finetune::run(&config, &out, device, resume, stop_flag()?)?;
     println!(
         "{} after {} steps in {:.0} s ({:.2} train images/s, {:.1}% of the loop waiting for data){}",
