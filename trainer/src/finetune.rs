@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
@@ -53,7 +54,15 @@ pub struct FinetuneConfig {
     pub min_lr: f64,
     pub warmup_epochs: f64,
     pub weight_decay: f32,
+    /// No weight decay on biases, norm weights and the relative-position bias tables (what
+    /// detection Swins do); with `false` every parameter decays.
+    #[serde(default)]
+    pub no_decay_norms: bool,
     pub grad_clip: f32,
+    /// How `grad_clip` applies: to each parameter's gradient alone, or to the norm of all
+    /// gradients together (scaled alike, so their direction is kept).
+    #[serde(default)]
+    pub grad_clip_mode: ClipMode,
     /// Weigh each class's loss by (mean count / class count)^0.5.
     pub class_balance: bool,
     /// Compute dtype of a training step (mixed precision); weights stay f32.
@@ -101,7 +110,9 @@ impl FinetuneConfig {
             min_lr: 1e-5,
             warmup_epochs: 2.0,
             weight_decay: 0.05,
+            no_decay_norms: false,
             grad_clip: 5.0,
+            grad_clip_mode: ClipMode::PerParameter,
             class_balance: false,
             eval_every: 5,
             input_size: 224,
@@ -113,6 +124,100 @@ impl FinetuneConfig {
             backbone: SwinConfig::edge(),
         }
     }
+}
+
+/// How gradient clipping applies (`FinetuneConfig::grad_clip_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipMode {
+    /// Each parameter's gradient norm clipped alone (burn's `GradientClippingConfig::Norm`).
+    #[default]
+    PerParameter,
+    /// The norm of all gradients together: every gradient scaled by the same factor.
+    Global,
+}
+
+/// Paths, as burn's optimizer names them, of the parameters that take no weight decay under
+/// `no_decay_norms`: every parameter of rank 1 (biases, LayerNorm and GroupNorm weights) and
+/// the relative-position bias tables.
+pub fn no_decay_paths<M: Module>(model: &M) -> Vec<String> {
+    #[derive(Default)]
+    struct Paths {
+        path: Vec<String>,
+        found: Vec<String>,
+    }
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            if D <= 1
+                || self
+                    .path
+                    .last()
+                    .is_some_and(|n| n == "relative_position_bias_table")
+            {
+                self.found.push(self.path.join("."));
+            }
+        }
+    }
+    let mut paths = Paths::default();
+    model.visit(&mut paths);
+    paths.found
+}
+
+/// Scales every gradient in `parts` by `max_norm / n` when the norm `n` of all of them together
+/// exceeds `max_norm`; returns `n`.
+pub fn clip_global_norm<M: Module>(
+    model: &M,
+    parts: &mut [&mut GradientsParams],
+    max_norm: f32,
+) -> f32 {
+    struct SquaredSum<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredSum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let sq = g.square().sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(s) => s + sq,
+                    None => sq,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f32,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut total = 0f32;
+    for grads in parts.iter() {
+        let mut visitor = SquaredSum { grads, sum: None };
+        model.visit(&mut visitor);
+        if let Some(sum) = visitor.sum {
+            total += sum.into_scalar::<f32>();
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let factor = max_norm / norm;
+        for grads in parts.iter_mut() {
+            model.visit(&mut Scale { grads, factor });
+        }
+    }
+    norm
 }
 
 /// Where a run is, for resume.
@@ -349,17 +454,37 @@ pub fn run(
     let train_device = device.clone().autodiff();
     // Initial weights (and burn's other random draws) follow the run's seed.
     train_device.seed(config.seed);
-    let optim = AdamWConfig::new()
-        .with_weight_decay(config.weight_decay)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip)))
-        .init();
-    let (mut detector, mut optim) = if resuming {
-        load_checkpoint(&checkpoint_dir, &train_device, optim)?
+    let clipping = (config.grad_clip_mode == ClipMode::PerParameter)
+        .then_some(GradientClippingConfig::Norm(config.grad_clip));
+    let adamw = |decay: f32| {
+        AdamWConfig::new()
+            .with_weight_decay(decay)
+            .with_grad_clipping(clipping.clone())
+    };
+    let mut detector = if resuming {
+        None
     } else {
-        (
-            initial_detector(&config, classes.clone(), &train_device)?,
-            optim,
-        )
+        Some(initial_detector(&config, classes.clone(), &train_device)?)
+    };
+    let mut optim = adamw(config.weight_decay).init();
+    if config.no_decay_norms {
+        // The model's parameter paths are the same in a checkpoint: a fresh detector of the
+        // run's config names them when resuming.
+        let names = match &detector {
+            Some(d) => no_decay_paths(&d.model),
+            None => no_decay_paths(
+                &Detector::new(detector_config(&config, classes.clone()), device)?.model,
+            ),
+        };
+        optim = optim.with_group(
+            ParamGroup::from_paths(names),
+            adamw(0.0).build(),
+            clipping.as_ref().map(|c| c.init()),
+        );
+    }
+    let (mut detector, mut optim) = match detector.take() {
+        Some(detector) => (detector, optim),
+        None => load_checkpoint(&checkpoint_dir, &train_device, optim)?,
     };
     // The weight average starts from the initial weights (or the checkpoint's average).
     let schedule = config.ema_decay.map(WeightAverage::new);
@@ -488,14 +613,20 @@ pub fn run(
                 .unwrap_or_default();
             let lr = learning_rate(&config, state.step, total_steps, warmup_steps);
             let mut grads = loss.total.backward();
-            if config.backbone_lr_scale != 1.0 && !backbone_frozen {
-                // Taking the backbone's gradients out first leaves the neck's and head's; AdamW
-                // keeps its moments per parameter, so two steps on disjoint parts are one step.
-                let backbone = GradientsParams::from_module(&mut grads, &detector.model.backbone);
+            // Taking the backbone's gradients out first leaves the neck's and head's; AdamW
+            // keeps its moments per parameter, so two steps on disjoint parts are one step.
+            let mut backbone = (config.backbone_lr_scale != 1.0 && !backbone_frozen)
+                .then(|| GradientsParams::from_module(&mut grads, &detector.model.backbone));
+            let mut rest = GradientsParams::from_module(&mut grads, &detector.model);
+            if config.grad_clip_mode == ClipMode::Global {
+                let mut parts: Vec<&mut GradientsParams> = vec![&mut rest];
+                parts.extend(backbone.as_mut());
+                clip_global_norm(&detector.model, &mut parts, config.grad_clip);
+            }
+            if let Some(backbone) = backbone {
                 detector.model =
                     optim.step(lr * config.backbone_lr_scale, detector.model, backbone);
             }
-            let rest = GradientsParams::from_module(&mut grads, &detector.model);
             detector.model = optim.step(lr, detector.model, rest);
             if let (Some(schedule), Some(average)) = (schedule, average.as_mut()) {
                 average.model =

@@ -645,3 +645,133 @@ fn a_student_learns_its_teachers_outputs() {
         "{message}"
     );
 }
+
+/// Largest absolute change between two model files over the tensors whose name `pick` accepts.
+fn largest_change_where(
+    before: &std::path::Path,
+    after: &std::path::Path,
+    pick: impl Fn(&str) -> bool,
+) -> f32 {
+    let a = std::fs::read(before).unwrap();
+    let b = std::fs::read(after).unwrap();
+    let a = safetensors::SafeTensors::deserialize(&a).unwrap();
+    let b = safetensors::SafeTensors::deserialize(&b).unwrap();
+    let values = |data: &[u8]| -> Vec<f32> {
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    a.tensors()
+        .into_iter()
+        .filter(|(name, _)| pick(name))
+        .map(|(name, view)| {
+            values(view.data())
+                .iter()
+                .zip(values(b.tensor(&name).unwrap().data()))
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        })
+        .fold(0f32, f32::max)
+}
+
+/// `no_decay_norms`: under a large weight decay and a tiny learning rate (decay dominates each
+/// step), norm weights, biases and position tables stay put while the other weights decay; the
+/// group covers exactly those parameters.
+#[test]
+fn norms_biases_and_tables_can_train_without_weight_decay() {
+    let _serial = serial();
+    let (dir, data, start) = data_and_start();
+    let paths = trainer::finetune::no_decay_paths(
+        &edge_detector::Detector::load(&start, &Device::flex())
+            .unwrap()
+            .model,
+    );
+    let exempt = |name: &str| {
+        name.ends_with(".bias")
+            || name.ends_with(".gamma")
+            || name.ends_with(".beta")
+            || name.ends_with("relative_position_bias_table")
+            // The head's per-level box scales (one value each).
+            || name.starts_with("head.scales.")
+    };
+    assert!(paths.iter().all(|p| exempt(p)), "{paths:?}");
+    assert!(
+        paths.contains(&"backbone.layers.0.blocks.0.attn.relative_position_bias_table".into())
+            && paths.contains(&"backbone.layers.0.blocks.0.norm1.gamma".into())
+            && paths.contains(&"head.cls_tower.0.norm.gamma".into())
+            && paths.contains(&"head.cls_out.bias".into()),
+        "{paths:?}"
+    );
+    let train = |no_decay: bool, name: &str| {
+        let out = dir.path().join(name);
+        changes_after_steps(&data, &start, &out, 2, |config| {
+            config.lr = 1e-6;
+            config.weight_decay = 500.0;
+            config.no_decay_norms = no_decay;
+        });
+        let model = out.join("model.safetensors");
+        (
+            largest_change_where(&start, &model, |n| n.ends_with("norm1.gamma")),
+            largest_change_where(&start, &model, |n| n.ends_with("qkv.weight")),
+        )
+    };
+    let (gamma_decayed, qkv_decayed) = train(false, "decay");
+    let (gamma_kept, qkv_still_decayed) = train(true, "no-decay");
+    // Two steps of lr x decay = 5e-4 on gammas of 1: about 1e-3; Adam's own steps are ~2e-6.
+    assert!(gamma_decayed > 5e-4, "{gamma_decayed}");
+    assert!(gamma_kept < 1e-5, "{gamma_kept}");
+    assert!(
+        (qkv_still_decayed - qkv_decayed).abs() < 0.1 * qkv_decayed,
+        "{qkv_still_decayed} against {qkv_decayed}"
+    );
+}
+
+/// Global gradient-norm clipping: above the limit, all gradients together get exactly the limit's
+/// norm, each scaled by the same factor (direction kept); below it nothing changes.
+#[test]
+fn global_clipping_scales_all_gradients_alike() {
+    use burn::optim::GradientsParams;
+    let device = Device::flex().autodiff();
+    let model = burn::nn::LinearConfig::new(8, 4).init(&device);
+    let x = Tensor::<2>::random(
+        [16, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let loss = model.forward(x).powf_scalar(2.0).sum();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let weight = |g: &GradientsParams| -> Vec<f32> {
+        g.get::<2>(model.weight.id)
+            .unwrap()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let bias = |g: &GradientsParams| -> Vec<f32> {
+        g.get::<1>(model.bias.as_ref().unwrap().id)
+            .unwrap()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let (w0, b0) = (weight(&grads), bias(&grads));
+    let norm0 = w0.iter().chain(&b0).map(|v| v * v).sum::<f32>().sqrt();
+    assert!(norm0 > 1.0, "{norm0}");
+
+    let mut clipped = grads;
+    let reported = trainer::finetune::clip_global_norm(&model, &mut [&mut clipped], 0.5);
+    assert!(
+        (reported - norm0).abs() < 1e-4 * norm0,
+        "{reported} {norm0}"
+    );
+    let (w1, b1) = (weight(&clipped), bias(&clipped));
+    let norm1 = w1.iter().chain(&b1).map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm1 - 0.5).abs() < 1e-5, "{norm1}");
+    for (a, b) in w0.iter().chain(&b0).zip(w1.iter().chain(&b1)) {
+        assert!((a * 0.5 / norm0 - b).abs() < 1e-6, "{a} -> {b}");
+    }
+    // Under the limit: unchanged.
+    let before = weight(&clipped);
+    trainer::finetune::clip_global_norm(&model, &mut [&mut clipped], 10.0);
+    assert_eq!(weight(&clipped), before);
+}

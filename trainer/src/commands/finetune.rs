@@ -74,9 +74,16 @@ pub struct Args {
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.05)]
     weight_decay: f32,
-    /// Clip the global gradient norm to this.
+    /// No weight decay on biases, norm weights and the relative-position bias tables.
+    #[arg(long)]
+    no_decay_norms: bool,
+    /// Clip gradient norms to this (each parameter's, or all together: --grad-clip-mode).
     #[arg(long, default_value_t = 5.0)]
     grad_clip: f32,
+    /// per-parameter: each parameter's gradient clipped alone; global: the norm of all gradients
+    /// together, every gradient scaled alike.
+    #[arg(long, value_enum, default_value_t = crate::finetune::ClipMode::PerParameter)]
+    grad_clip_mode: crate::finetune::ClipMode,
     /// Re-weight the class loss by inverse square-root frequency (long-tailed label sets).
     #[arg(long)]
     class_balance: bool,
@@ -150,7 +157,9 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         min_lr,
         warmup_epochs,
         weight_decay,
+        no_decay_norms,
         grad_clip,
+        grad_clip_mode,
         class_balance,
         precision,
         eval_every,
@@ -213,7 +222,12 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
     config.min_lr = min_lr;
     config.warmup_epochs = warmup_epochs;
     config.weight_decay = weight_decay;
+    config.no_decay_norms = no_decay_norms;
+    if !(grad_clip > 0.0 && grad_clip.is_finite()) {
+        anyhow::bail!("--grad-clip {grad_clip}: give a norm > 0");
+    }
     config.grad_clip = grad_clip;
+    config.grad_clip_mode = grad_clip_mode;
     config.class_balance = class_balance;
     config.precision = precision;
     config.eval_every = eval_every;
