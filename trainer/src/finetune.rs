@@ -618,10 +618,15 @@ pub fn run(
             let mut backbone = (config.backbone_lr_scale != 1.0 && !backbone_frozen)
                 .then(|| GradientsParams::from_module(&mut grads, &detector.model.backbone));
             let mut rest = GradientsParams::from_module(&mut grads, &detector.model);
+            let mut grad_norm = None;
             if config.grad_clip_mode == ClipMode::Global {
                 let mut parts: Vec<&mut GradientsParams> = vec![&mut rest];
                 parts.extend(backbone.as_mut());
-                clip_global_norm(&detector.model, &mut parts, config.grad_clip);
+                grad_norm = Some(clip_global_norm(
+                    &detector.model,
+                    &mut parts,
+                    config.grad_clip,
+                ));
             }
             if let Some(backbone) = backbone {
                 detector.model =
@@ -650,7 +655,7 @@ pub fn run(
                 metrics,
                 "{}",
                 serde_json::json!({"step": state.step, "epoch": state.epoch, "loss": total, "cls": values.get(1), "box": values.get(2),
-                    "distill_cls": values.get(3), "distill_box": values.get(4),
+                    "distill_cls": values.get(3), "distill_box": values.get(4), "grad_norm": grad_norm,
                     "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds,
                     "data_wait_s": wait})
             )?;
