@@ -229,7 +229,8 @@ fn embed(
     Ok(out)
 }
 
-/// kNN accuracy of the backbone's features on NEU's file-name classes: validation against train.
+/// kNN accuracy of the backbone's features on NEU's file-name classes, validation against train;
+/// with the number of validation images it was measured on and of classes among them.
 pub fn representation_check(
     backbone: &SwinTransformer,
     train: &[Sample],
@@ -238,7 +239,7 @@ pub fn representation_check(
     preprocess: &Preprocess,
     device: &Device,
     k: usize,
-) -> Result<Option<f64>> {
+) -> Result<Option<(f64, usize, usize)>> {
     let labelled = |s: &[Sample]| -> (Vec<Sample>, Vec<usize>) {
         s.iter()
             .filter_map(|x| x.name_class(classes).map(|c| (x.clone(), c)))
@@ -251,12 +252,13 @@ pub fn representation_check(
     }
     let bank = embed(backbone, &train, preprocess, device, 16)?;
     let query = embed(backbone, &val, preprocess, device, 16)?;
-    Ok(Some(knn_accuracy(
-        &bank,
-        &train_labels,
-        &query,
-        &val_labels,
-        k,
+    let mut present = val_labels.clone();
+    present.sort_unstable();
+    present.dedup();
+    Ok(Some((
+        knn_accuracy(&bank, &train_labels, &query, &val_labels, k),
+        val.len(),
+        present.len(),
     )))
 }
 
@@ -276,6 +278,37 @@ pub struct PretrainState {
     pub epoch: usize,
     pub step: usize,
     pub knn: Vec<(usize, f64)>,
+    /// Validation images (with a class in their file name) the kNN accuracy is measured on.
+    #[serde(default)]
+    pub knn_images: usize,
+    /// Classes among them.
+    #[serde(default)]
+    pub knn_classes: usize,
+}
+
+impl PretrainState {
+    /// What the kNN accuracies can say at their sample size: first and last accuracy, chance
+    /// (one over the classes) and the half-width of a 95% interval around chance, under which a
+    /// change is noise. None before two checks.
+    pub fn knn_summary(&self) -> Option<String> {
+        let (&(_, first), &(_, last)) = (self.knn.first()?, self.knn.last()?);
+        if self.knn.len() < 2 || self.knn_images == 0 || self.knn_classes == 0 {
+            return None;
+        }
+        let chance = 1.0 / self.knn_classes as f64;
+        let noise = 1.96 * (chance * (1.0 - chance) / self.knn_images as f64).sqrt();
+        let verdict = if (last - first).abs() < noise && (last - chance).abs() < noise {
+            "within the noise of this sample: this budget shows no representation gain either way"
+        } else if last > first {
+            "a gain beyond the noise of this sample"
+        } else {
+            "a loss beyond the noise of this sample"
+        };
+        Some(format!(
+            "kNN accuracy {first:.3} -> {last:.3} on {} validation images ({} classes, chance {chance:.3}; a change under +-{noise:.3} is noise at this size): {verdict}",
+            self.knn_images, self.knn_classes
+        ))
+    }
 }
 
 pub struct PretrainOutcome {
@@ -360,7 +393,8 @@ pub fn run(
         )
     };
     let untrained = state.epoch == 0 && state.knn.is_empty();
-    if untrained && let Some(acc) = knn(&model.backbone)? {
+    if untrained && let Some((acc, images, present)) = knn(&model.backbone)? {
+        (state.knn_images, state.knn_classes) = (images, present);
         tracing::info!("before pretraining: kNN accuracy {acc:.4} (random backbone)");
         state.knn.push((0, acc));
     }
@@ -434,7 +468,8 @@ pub fn run(
         if epoch_done {
             state.epoch += 1;
         }
-        if epoch_done && let Some(acc) = knn(&model.backbone)? {
+        if epoch_done && let Some((acc, images, present)) = knn(&model.backbone)? {
+            (state.knn_images, state.knn_classes) = (images, present);
             tracing::info!(
                 "epoch {}: kNN accuracy {acc:.4} on the validation split (file-name classes)",
                 state.epoch
@@ -494,6 +529,31 @@ mod tests {
         let loss = nt_xent(t2(vec![3.0, 4.0], [1, 2]), t2(vec![0.6, 0.8], [1, 2]), 0.5)
             .into_scalar::<f32>();
         assert!(loss.abs() < 1e-6, "{loss}");
+    }
+
+    #[test]
+    fn knn_summary_says_what_the_sample_size_can_show() {
+        let state = |knn: Vec<(usize, f64)>, images| PretrainState {
+            knn,
+            knn_images: images,
+            knn_classes: 6,
+            ..Default::default()
+        };
+        // The demo's size: 24 images, 0.17 -> 0.08 (4 then 2 right) is noise.
+        let s = state(vec![(0, 0.167), (20, 0.083)], 24)
+            .knn_summary()
+            .unwrap();
+        assert!(
+            s.contains("+-0.149") && s.contains("no representation gain"),
+            "{s}"
+        );
+        let s = state(vec![(0, 0.17), (8, 0.45)], 288)
+            .knn_summary()
+            .unwrap();
+        assert!(s.contains("a gain beyond the noise"), "{s}");
+        let s = state(vec![(0, 0.45), (8, 0.2)], 288).knn_summary().unwrap();
+        assert!(s.contains("a loss beyond the noise"), "{s}");
+        assert!(state(vec![(0, 0.2)], 288).knn_summary().is_none());
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         outcome.state.knn,
         out.join("backbone.safetensors").display()
     );
+    if let Some(summary) = outcome.state.knn_summary() {
+        println!("{summary}");
+    }
     crate::report::plot_training_curves(
         &out.join("metrics.jsonl"),
         &out.join("curves.png"),
