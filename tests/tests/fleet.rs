@@ -427,47 +427,65 @@ fn acl_from_the_fleet_list_lets_rollouts_through_and_confines_each_device() {
     broker.stop();
 }
 
-/// Verdict consumers in one shared subscription group (`trainer fleet verdicts --share`) split
-/// the fleet's verdicts: every verdict reaches exactly one of them, both get a share, and a
-/// malformed message is named and skipped without stopping the consumer.
-#[test]
-fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
-    use protocol::messages::Message;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let addr = broker.addr();
-    let consumers: Vec<(Child, PathBuf, PathBuf)> = (0..2)
-        .map(|i| {
-            let out = dir.path().join(format!("consumer{i}.jsonl"));
-            let err = dir.path().join(format!("consumer{i}.log"));
-            let child = Command::new(bin("trainer"))
-                .args([
-                    "fleet", "verdicts", "--broker", &addr, "--site", "test", "--share", "mes",
-                ])
-                .stdout(std::fs::File::create(&out).unwrap())
-                .stderr(std::fs::File::create(&err).unwrap())
-                .spawn()
-                .expect("starting trainer fleet verdicts");
-            (child, out, err)
-        })
-        .collect();
+/// `trainer fleet verdicts` with `args` (beside --broker and --site) writing to
+/// DIR/NAME.jsonl and NAME.log, started and subscribed (or already done).
+fn verdict_consumer(
+    dir: &Path,
+    addr: &str,
+    name: &str,
+    args: &[&str],
+) -> (Child, PathBuf, PathBuf) {
+    let out = dir.join(format!("{name}.jsonl"));
+    let err = dir.join(format!("{name}.log"));
+    let mut child = Command::new(bin("trainer"))
+        .args(["fleet", "verdicts", "--broker", addr, "--site", "test"])
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("starting trainer fleet verdicts");
     let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !consumers.iter().all(|(_, _, err)| {
-        std::fs::read_to_string(err).is_ok_and(|t| t.contains("consuming $share/mes/"))
-    }) {
+    // (A resumed session may be served its queue and reach --count before the subscription's
+    // acknowledgement: then the consumer is done.)
+    while !std::fs::read_to_string(&err).is_ok_and(|t| t.contains("consuming "))
+        && child.try_wait().unwrap().is_none()
+    {
         assert!(
             std::time::Instant::now() < until,
-            "consumers did not subscribe"
+            "{name} did not subscribe"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    // What the broker passed on, beside the consumers' share of it.
-    let w = Watcher::start(broker.port);
+    (child, out, err)
+}
 
-    // Four devices' verdicts, as the daemon writes them, and one malformed message.
+/// (device, id) of each verdict a consumer wrote.
+fn verdicts_written(path: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            (
+                v["device"].as_str().unwrap().to_string(),
+                v["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Publishes verdicts 1..=per_device of devices cam0..cam{devices-1} at QoS 1, as the daemon
+/// writes them, and one malformed message after id `malformed_after` (if any); returns the
+/// client and its connection's thread.
+fn publish_verdicts(
+    port: u16,
+    devices: usize,
+    per_device: u64,
+    malformed_after: Option<u64>,
+) -> (rumqttc::Client, std::thread::JoinHandle<()>) {
+    use protocol::messages::Message;
     let topics = protocol::Topics::new("test").unwrap();
-    let mut options = rumqttc::MqttOptions::new("devices", "127.0.0.1", broker.port);
+    let mut options = rumqttc::MqttOptions::new("devices", "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut connection) = rumqttc::Client::new(options, 1000);
     let pump = std::thread::spawn(move || {
@@ -477,9 +495,8 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
             }
         }
     });
-    let per_device = 50u64;
     for id in 1..=per_device {
-        for dev in 0..4 {
+        for dev in 0..devices {
             let device = format!("cam{dev}");
             let v = protocol::Verdict {
                 id,
@@ -507,7 +524,7 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
                 )
                 .unwrap();
         }
-        if id == 10 {
+        if malformed_after == Some(id) {
             client
                 .publish(
                     "edgeinsp/test/line1/cam9/verdict",
@@ -518,23 +535,41 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
                 .unwrap();
         }
     }
+    (client, pump)
+}
+
+/// Verdict consumers in one shared subscription group (`trainer fleet verdicts --share`) split
+/// the fleet's verdicts: every verdict reaches exactly one of them, both get a share, and a
+/// malformed message is named and skipped without stopping the consumer.
+#[test]
+fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let addr = broker.addr();
+    let consumers: Vec<(Child, PathBuf, PathBuf)> = (0..2)
+        .map(|i| {
+            verdict_consumer(
+                dir.path(),
+                &addr,
+                &format!("consumer{i}"),
+                &["--share", "mes"],
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // What the broker passed on, beside the consumers' share of it.
+    let w = Watcher::start(broker.port);
+
+    // Four devices' verdicts and one malformed message.
+    let per_device = 50u64;
+    let (client, pump) = publish_verdicts(broker.port, 4, per_device, Some(10));
     let total = 4 * per_device as usize;
-    let read = |path: &Path| -> Vec<(String, u64)> {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
-                (
-                    v["device"].as_str().unwrap().to_string(),
-                    v["id"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
     let until = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let n: usize = consumers.iter().map(|(_, out, _)| read(out).len()).sum();
+        let n: usize = consumers
+            .iter()
+            .map(|(_, out, _)| verdicts_written(out).len())
+            .sum();
         if n >= total || std::time::Instant::now() > until {
             break;
         }
@@ -548,7 +583,7 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
     for (mut child, out, err) in consumers {
         let _ = child.kill();
         let _ = child.wait();
-        let got = read(&out);
+        let got = verdicts_written(&out);
         logs.push_str(&format!("-- {} verdict(s), log:\n", got.len()));
         logs.push_str(&std::fs::read_to_string(&err).unwrap());
         assert!(!got.is_empty(), "a consumer got no verdict\n{logs}");
@@ -566,6 +601,57 @@ fn shared_verdict_consumers_split_the_verdicts_without_loss_or_repeat() {
     assert!(
         logs.contains("edgeinsp/test/line1/cam9/verdict: ") && logs.contains("skipped"),
         "{logs}"
+    );
+}
+
+/// A consumer with a persistent session (`--client-id`) that stops after `--count` verdicts
+/// acknowledges exactly those before it goes: the next consumer of that session gets the rest,
+/// none of them again and none lost.
+#[test]
+fn a_persistent_consumer_stopped_by_count_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let addr = broker.addr();
+    let session = ["--client-id", "mes-1"];
+    let (mut first, first_out, first_err) = verdict_consumer(
+        dir.path(),
+        &addr,
+        "first",
+        &[&session[..], &["--count", "5"]].concat(),
+    );
+    let (client, pump) = publish_verdicts(broker.port, 1, 12, None);
+    let status = first.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&first_err).unwrap()
+    );
+    let (mut second, second_out, second_err) = verdict_consumer(
+        dir.path(),
+        &addr,
+        "second",
+        &[&session[..], &["--count", "7"]].concat(),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > until {
+            let _ = second.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = client.disconnect();
+    let _ = pump.join();
+    let ids =
+        |path: &Path| -> Vec<u64> { verdicts_written(path).into_iter().map(|v| v.1).collect() };
+    assert_eq!(ids(&first_out), vec![1, 2, 3, 4, 5]);
+    let mut rest = ids(&second_out);
+    rest.sort_unstable();
+    assert_eq!(
+        rest,
+        (6..=12).collect::<Vec<_>>(),
+        "{}",
+        std::fs::read_to_string(&second_err).unwrap()
     );
 }
 

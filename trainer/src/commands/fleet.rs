@@ -227,15 +227,19 @@ fn verdicts(args: VerdictsArgs) -> Result<()> {
         }
         Ok(())
     };
+    // --count reached; then the disconnect asked for (after the acks in the request queue, so
+    // the connection sends them first: the loop runs on until it has sent the disconnect).
     let mut finished = false;
+    let mut leaving = false;
     for event in connection.iter() {
         ack(&mut unacked)?;
-        if finished && unacked.is_empty() {
-            // --count reached and every verdict written is acknowledged.
+        if finished && !leaving && unacked.is_empty() {
             let _ = client.disconnect();
-            break;
+            leaving = true;
         }
         match event {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+            Err(_) if leaving => break,
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 attempt = 0;
                 // A new session: what the last one did not acknowledge is the broker's to
@@ -280,10 +284,6 @@ fn verdicts(args: VerdictsArgs) -> Result<()> {
                 unacked.push_back(p);
                 ack(&mut unacked)?;
                 if args.count.is_some_and(|c| written >= c) {
-                    if unacked.is_empty() {
-                        let _ = client.disconnect();
-                        break;
-                    }
                     finished = true;
                 }
             }
