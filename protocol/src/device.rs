@@ -244,7 +244,11 @@ impl<S: TransferStore> Receiver<S> {
                 {
                     found = Some((id, offer, manifest));
                 }
-                _ => self.store.drop_transfer(&id)?,
+                Ok(_) => self.store.drop_transfer(&id)?,
+                Err(e) => {
+                    tracing::warn!("dropping a stored transfer: {e}");
+                    self.store.drop_transfer(&id)?
+                }
             }
         }
         if let Some((id, offer, manifest)) = found {

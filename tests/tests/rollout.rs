@@ -338,13 +338,22 @@ fn flipped_chunk_is_asked_again_and_dead_publisher_resumes() {
 
 /// Sends the big package in small chunks; `interrupt` runs once the device holds some of it.
 fn interrupted_transfer(
+    faults: &str,
     interrupt: impl FnOnce(&mut Broker, &mut Edge),
 ) -> (String, Edge, Watcher, Broker, tempfile::TempDir) {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
     let w = Watcher::start(broker.port);
-    let mut edge = start_edge(dir.path(), &broker, "cam1", &[], "");
+    let config = edge_config(
+        "cam1",
+        &[],
+        broker.port,
+        &f.fleet_pub,
+        &f.path("v1.edgepkg"),
+        "",
+    );
+    let mut edge = Edge::start_with_env(dir.path(), "cam1", &config, &[("EDGE_FAULTS", faults)]);
     online_with(&w, "cam1", 1);
     let addr = broker.addr();
     let pkg = f.p("v3-big.edgepkg");
@@ -379,11 +388,21 @@ fn interrupted_transfer(
     (out, edge, w, broker, dir)
 }
 
+/// The edge dies (abort, no cleanup, no flush: a kill -9) at its 1,000th chunk of 1,327, well past
+/// the half-way report; restarted, it resumes from what it had flushed. (A kill sent by the
+/// test after that report could land after the last chunk on a fast machine.)
 #[test]
 fn edge_killed_mid_transfer_resumes_where_it_was() {
-    let (out, edge, _w, _b, _dir) = interrupted_transfer(|_, edge| {
-        edge.kill9();
-        std::thread::sleep(Duration::from_millis(500));
+    let (out, edge, _w, _b, _dir) = interrupted_transfer("abort:chunk-1000", |_, edge| {
+        let until = std::time::Instant::now() + T;
+        while edge.is_running() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the edge did not abort at chunk 1000"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        edge.env.clear();
         edge.restart();
     });
     let log = edge.log();
@@ -400,7 +419,7 @@ fn edge_killed_mid_transfer_resumes_where_it_was() {
         .unwrap()
         .parse()
         .unwrap();
-    // Flushed at every 10% step (140 chunks here): at least one step survived the kill.
+    // Flushed at every 10% step (132 chunks here): what was flushed before the abort survived.
     assert!(have >= 140, "{resumed}");
     let count = (std::fs::metadata(fixture().path("m3.safetensors"))
         .unwrap()
@@ -412,7 +431,7 @@ fn edge_killed_mid_transfer_resumes_where_it_was() {
 
 #[test]
 fn broker_restart_mid_transfer_recovers() {
-    let (out, edge, _w, _b, _dir) = interrupted_transfer(|broker, _| {
+    let (out, edge, _w, _b, _dir) = interrupted_transfer("", |broker, _| {
         broker.kill();
         std::thread::sleep(Duration::from_secs(2));
         broker.restart();
