@@ -306,6 +306,15 @@ impl<S: TransferStore> Receiver<S> {
                 None => return false,
             },
         };
+        // A transfer restored with every chunk here (the process died after the last chunk,
+        // before its store forgot the transfer): it finishes before anything else is answered.
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|t| t.have_count == t.count())
+        {
+            self.finalize(installer).await;
+        }
         match kind {
             DownKind::Chunk => self.on_chunk(payload, installer).await,
             DownKind::Offer if !broadcast => match Offer::decode(payload) {
@@ -779,6 +788,58 @@ mod tests {
                 vec![(ReportState::Activated, 0, vec![])]
             );
             assert_eq!(inst.installed, 1);
+        });
+    }
+
+    /// A restart found every chunk of the transfer stored (the process died in `finalize`,
+    /// before the store's drop was durable): the next message for the device (here a probe)
+    /// finishes it, and the probe is answered with the final report.
+    #[test]
+    fn a_transfer_restored_complete_finishes_on_the_next_message() {
+        let key = crate::package::generate_key().unwrap();
+        let pkg = package(&key, 4 * MIN);
+        let topics = Topics::new("t").unwrap();
+        let offer = crate::rollout::offer_for(&pkg, &Target::Fleet, MIN).unwrap();
+        let id = crate::messages::transfer_id(&offer.transfer).unwrap();
+        let mut mem = MemoryStore::default();
+        mem.put_offer(&id, &offer.encode()).unwrap();
+        for (i, data) in pkg.weights.chunks(MIN).enumerate() {
+            mem.put_chunk(&id, i as u32, data).unwrap();
+        }
+        let mut inst = Inst {
+            active: Some(1),
+            installed: 0,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut rx = Receiver::new("d", topics.clone(), vec![key.verifying_key()], mem);
+            rx.restore(&inst).unwrap();
+            rx.on_connected();
+            assert_eq!(
+                reports(&rx.take_outbound()),
+                vec![(ReportState::Receiving, 4, vec![])]
+            );
+            let probe = Complete {
+                transfer: offer.transfer.clone(),
+                chunks: 4,
+            }
+            .encode();
+            let handled = rx
+                .handle(
+                    &topics.down(&Target::Device("d".into()), DownKind::Complete),
+                    &probe,
+                    &mut inst,
+                )
+                .await;
+            assert!(handled);
+            assert_eq!(inst.installed, 1);
+            let finals: Vec<_> = reports(&rx.take_outbound())
+                .into_iter()
+                .filter(|r| r.0 == ReportState::Activated)
+                .collect();
+            assert!(!finals.is_empty(), "no final report");
         });
     }
 
