@@ -649,6 +649,21 @@ mod tests {
         installed: usize,
     }
 
+    impl Inst {
+        fn on_version_1() -> Self {
+            Inst {
+                active: Some(1),
+                installed: 0,
+            }
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
     impl Installer for Inst {
         fn check(&self, m: &Manifest, _offer: &Offer) -> Result<(), String> {
             match self.active {
@@ -728,14 +743,8 @@ mod tests {
             })
             .collect();
         let mem = MemoryStore::default();
-        let mut inst = Inst {
-            active: Some(1),
-            installed: 0,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        let mut inst = Inst::on_version_1();
+        runtime().block_on(async {
             let trusted = vec![key.verifying_key()];
             let mem = {
                 let mut rx = Receiver::new("d", topics.clone(), trusted.clone(), mem);
@@ -806,14 +815,8 @@ mod tests {
         for (i, data) in pkg.weights.chunks(MIN).enumerate() {
             mem.put_chunk(&id, i as u32, data).unwrap();
         }
-        let mut inst = Inst {
-            active: Some(1),
-            installed: 0,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        let mut inst = Inst::on_version_1();
+        runtime().block_on(async {
             let mut rx = Receiver::new("d", topics.clone(), vec![key.verifying_key()], mem);
             rx.restore(&inst).unwrap();
             rx.on_connected();

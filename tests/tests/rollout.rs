@@ -91,19 +91,28 @@ fn rig(extra_models: &str) -> Rig {
 }
 
 fn start_edge(dir: &Path, broker: &Broker, id: &str, groups: &[&str], extra: &str) -> Edge {
+    start_edge_with_faults(dir, broker, id, groups, extra, "")
+}
+
+/// [`start_edge`] with `EDGE_FAULTS` set (kept for restarts until `edge.env` is cleared).
+fn start_edge_with_faults(
+    dir: &Path,
+    broker: &Broker,
+    id: &str,
+    groups: &[&str],
+    extra: &str,
+    faults: &str,
+) -> Edge {
     let f = fixture();
-    Edge::start(
-        dir,
+    let config = edge_config(
         id,
-        &edge_config(
-            id,
-            groups,
-            broker.port,
-            &f.fleet_pub,
-            &f.path("v1.edgepkg"),
-            extra,
-        ),
-    )
+        groups,
+        broker.port,
+        &f.fleet_pub,
+        &f.path("v1.edgepkg"),
+        extra,
+    );
+    Edge::start_with_env(dir, id, &config, &[("EDGE_FAULTS", faults)])
 }
 
 fn publish(broker: &Broker, package: &str, args: &[&str]) -> (bool, String) {
@@ -345,15 +354,7 @@ fn interrupted_transfer(
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
     let w = Watcher::start(broker.port);
-    let config = edge_config(
-        "cam1",
-        &[],
-        broker.port,
-        &f.fleet_pub,
-        &f.path("v1.edgepkg"),
-        "",
-    );
-    let mut edge = Edge::start_with_env(dir.path(), "cam1", &config, &[("EDGE_FAULTS", faults)]);
+    let mut edge = start_edge_with_faults(dir.path(), &broker, "cam1", &[], "", faults);
     online_with(&w, "cam1", 1);
     let addr = broker.addr();
     let pkg = f.p("v3-big.edgepkg");
@@ -1023,17 +1024,15 @@ fn kill9_at_20_points_of_a_rollout_leaves_a_valid_model_and_completes() {
         let dir = tempfile::tempdir().unwrap();
         let broker = Broker::start(dir.path());
         let w = Watcher::start(broker.port);
-        let config = edge_config(
+        let fault = format!("abort:{point}");
+        let mut edge = start_edge_with_faults(
+            dir.path(),
+            &broker,
             "cam1",
             &[],
-            broker.port,
-            &f.fleet_pub,
-            &f.path("v1.edgepkg"),
             "confirm_after_s = 2",
+            &fault,
         );
-        let fault = format!("abort:{point}");
-        let mut edge =
-            Edge::start_with_env(dir.path(), "cam1", &config, &[("EDGE_FAULTS", &fault)]);
         online_with(&w, "cam1", 1);
         let (pkg, addr) = (f.p("v2.edgepkg"), broker.addr());
         let publisher = std::thread::spawn(move || {

@@ -461,30 +461,26 @@ pub fn run(
             .with_weight_decay(decay)
             .with_grad_clipping(clipping.clone())
     };
-    let mut detector = if resuming {
-        None
-    } else {
-        Some(initial_detector(&config, classes.clone(), &train_device)?)
-    };
-    let mut optim = adamw(config.weight_decay).init();
-    if config.no_decay_norms {
-        // The model's parameter paths are the same in a checkpoint: a fresh detector of the
-        // run's config names them when resuming.
-        let names = match &detector {
-            Some(d) => no_decay_paths(&d.model),
-            None => no_decay_paths(
-                &Detector::new(detector_config(&config, classes.clone()), device)?.model,
-            ),
-        };
-        optim = optim.with_group(
-            ParamGroup::from_paths(names),
+    // Under `no_decay_norms` the optimizer is built from the detector's parameter names, and
+    // before a checkpoint's state loads into it (a group added later drops the state it
+    // matches).
+    let make_optim = |detector: &Detector| {
+        let optim = adamw(config.weight_decay).init();
+        if !config.no_decay_norms {
+            return optim;
+        }
+        optim.with_group(
+            ParamGroup::from_paths(no_decay_paths(&detector.model)),
             adamw(0.0).build(),
             clipping.as_ref().map(|c| c.init()),
-        );
-    }
-    let (mut detector, mut optim) = match detector.take() {
-        Some(detector) => (detector, optim),
-        None => load_checkpoint(&checkpoint_dir, &train_device, optim)?,
+        )
+    };
+    let (mut detector, mut optim) = if resuming {
+        load_checkpoint(&checkpoint_dir, &train_device, make_optim)?
+    } else {
+        let detector = initial_detector(&config, classes.clone(), &train_device)?;
+        let optim = make_optim(&detector);
+        (detector, optim)
     };
     // The weight average starts from the initial weights (or the checkpoint's average).
     let schedule = config.ema_decay.map(WeightAverage::new);
@@ -587,7 +583,7 @@ pub fn run(
             output.cls_logits = to_f32(output.cls_logits);
             output.box_ltrb = to_f32(output.box_ltrb);
             let mut loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
-            let mut parts = vec![loss.total.clone(), loss.cls.clone(), loss.boxes.clone()];
+            let mut parts = vec![loss.cls.clone(), loss.boxes.clone()];
             if let Some((probs, ltrb)) = soft_targets {
                 let (cls, boxes) = distillation_loss(
                     &output,
@@ -599,14 +595,9 @@ pub fn run(
                 );
                 let distill = cls.clone() + boxes.clone() * loss_config.box_weight;
                 loss.total = loss.total + distill * config.distill_weight;
-                parts = vec![
-                    loss.total.clone(),
-                    parts[1].clone(),
-                    parts[2].clone(),
-                    cls,
-                    boxes,
-                ];
+                parts.extend([cls, boxes]);
             }
+            parts.insert(0, loss.total.clone());
             let values: Vec<f32> = Tensor::cat(parts, 0)
                 .into_data()
                 .try_into_vec_as::<f32>()
@@ -747,11 +738,12 @@ pub fn run(
 
 /// A run's checkpoint: the detector, with the parameter ids its optimizer state is keyed by
 /// (`model.bpk`; the SafeTensors file carries no ids, and a detector loaded from it alone would
-/// leave AdamW's moments behind), and that optimizer state.
+/// leave AdamW's moments behind), and that optimizer state, loaded into the optimizer
+/// `make_optim` builds for the detector.
 pub fn load_checkpoint(
     dir: &Path,
     device: &Device,
-    optim: burn::optim::ModuleOptimizer,
+    make_optim: impl FnOnce(&Detector) -> burn::optim::ModuleOptimizer,
 ) -> Result<(Detector, burn::optim::ModuleOptimizer)> {
     let mut detector = Detector::load(dir.join("model.safetensors"), device)?;
     let record = dir.join("model.bpk");
@@ -766,6 +758,7 @@ pub fn load_checkpoint(
             dir.display()
         );
     }
+    let optim = make_optim(&detector);
     let optim = if dir.join("optim.bpk").exists() {
         optim
             .load(dir.join("optim.bpk"))

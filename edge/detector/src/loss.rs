@@ -285,41 +285,24 @@ pub fn distillation_loss(
 ) -> (Tensor<1>, Tensor<1>) {
     let device = student.cls_logits.device();
     let [b, l, k] = student.cls_logits.dims();
-    let probs: Vec<f32> = teacher_probs
-        .clone()
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap_or_default();
+    // Each location's box weight: the teacher's top class probability, 0 under `min_weight`.
+    let top = teacher_probs.clone().max_dim(2).reshape([b * l]);
+    let weights = top.clone().mask_fill(top.lower_elem(min_weight), 0.0);
     let cls = quality_focal_loss(
         student.cls_logits.clone().reshape([b * l, k]),
         teacher_probs.reshape([b * l, k]),
         beta,
         None,
     ) / normalizer.max(1.0);
-    let mut kept = Vec::new();
-    let mut weights = Vec::new();
-    for (i, row) in probs.chunks(k.max(1)).enumerate() {
-        let w = row.iter().copied().fold(0.0f32, f32::max);
-        if w >= min_weight {
-            kept.push(i as i64);
-            weights.push(w);
-        }
-    }
-    if kept.is_empty() {
-        return (cls, Tensor::zeros([1], &device));
-    }
-    let n = kept.len();
-    let index = Tensor::<1, Int>::from_data(TensorData::new(kept, [n]), &device);
     // GIoU does not depend on where the pair is, so both boxes sit on the origin: (-l, -t, r, b).
     let sign = Tensor::<2>::from_data(
         TensorData::new(vec![-1f32, -1.0, 1.0, 1.0], [1, 4]),
         &device,
     );
-    let boxes = |ltrb: Tensor<3>| ltrb.reshape([b * l, 4]).select(0, index.clone()) * sign.clone();
+    let boxes = |ltrb: Tensor<3>| ltrb.reshape([b * l, 4]) * sign.clone();
     let (_, giou) = iou_giou(boxes(student.box_ltrb.clone()), boxes(teacher_ltrb));
-    let total: f32 = weights.iter().sum();
-    let weights = Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
-    let boxes = ((giou.neg() + 1.0) * weights).sum() / total as f64;
+    let total = weights.clone().sum().clamp_min(1e-6);
+    let boxes = ((giou.neg() + 1.0) * weights).sum() / total;
     (cls, boxes)
 }
 

@@ -250,8 +250,8 @@ fn verdicts(args: VerdictsArgs) -> Result<()> {
                     .context("subscribing")?;
             }
             // Consuming from the broker's acknowledgement on, not from the request.
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
+            Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                if suback
                     .return_codes
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
