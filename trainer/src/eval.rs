@@ -56,7 +56,8 @@ fn area(b: &[f64; 4]) -> f64 {
     (b[2] - b[0]) * (b[3] - b[1])
 }
 
-fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+/// Intersection over union of two `[x1, y1, x2, y2]` boxes.
+pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
     let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = iw * ih;

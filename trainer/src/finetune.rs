@@ -85,7 +85,22 @@ pub struct FinetuneConfig {
     /// Weight of the distillation terms against the task loss.
     #[serde(default = "unit")]
     pub distill_weight: f64,
+    /// Pseudo-labeled images (`selftrain::PseudoLabels`, JSON) trained on beside the labeled
+    /// ones: a self-training round.
+    #[serde(default)]
+    pub pseudo_labels: Option<PathBuf>,
+    /// With pseudo-labels, the labeled images are repeated to make about this share of each
+    /// epoch (they are few, and the only labels known to be right).
+    #[serde(default = "half")]
+    pub labeled_share: f64,
+    /// Find and down-weight the labeled boxes the model keeps disagreeing with.
+    #[serde(default)]
+    pub noisy_labels: Option<crate::noisy::NoisyLabelConfig>,
     pub backbone: SwinConfig,
+}
+
+fn half() -> f64 {
+    0.5
 }
 
 fn unit() -> f64 {
@@ -121,6 +136,9 @@ impl FinetuneConfig {
             ema_decay: None,
             teacher: None,
             distill_weight: 1.0,
+            pseudo_labels: None,
+            labeled_share: 0.5,
+            noisy_labels: None,
             backbone: SwinConfig::edge(),
         }
     }
@@ -255,7 +273,7 @@ pub fn load_splits(
         .with_context(|| format!("loading dataset {}", config.data.display()))?;
     let warnings = dataset.warnings.clone();
     let (train, val) = data::split(&dataset, config.val_fraction, config.split_seed);
-    let train = match config.shots {
+    let mut train = match config.shots {
         Some(k) => data::k_shot(&train, classes.len(), k, config.seed),
         None => train,
     };
@@ -264,6 +282,16 @@ pub fn load_splits(
             "{}: no training images after the split",
             config.data.display()
         );
+    }
+    if let Some(path) = &config.pseudo_labels {
+        let pseudo = crate::selftrain::PseudoLabels::read(path)?.samples(path, classes)?;
+        let repeats =
+            crate::selftrain::labeled_repeats(train.len(), pseudo.len(), config.labeled_share);
+        let labeled = std::mem::take(&mut train);
+        train = (0..repeats)
+            .flat_map(|_| labeled.iter().cloned())
+            .chain(pseudo)
+            .collect();
     }
     Ok((train, val, warnings))
 }
@@ -446,10 +474,24 @@ pub fn run(
     };
     // Before loading data: a device without the run's precision fails at once.
     config.precision.check(device)?;
-    let (train, val, warnings) = load_splits(&config, &classes)?;
+    let (mut train, val, warnings) = load_splits(&config, &classes)?;
     for w in warnings.iter().take(20) {
         tracing::warn!("{w}");
     }
+    let filter_path = checkpoint_dir.join("noisy.json");
+    let mut filter = match &config.noisy_labels {
+        None => None,
+        Some(_) => {
+            let fresh = crate::noisy::track(&mut train);
+            Some(if resuming && filter_path.exists() {
+                serde_json::from_slice(&std::fs::read(&filter_path)?)
+                    .with_context(|| format!("reading {}", filter_path.display()))?
+            } else {
+                fresh
+            })
+        }
+    };
+    let mut set_aside = 0usize;
     let train = Arc::new(train);
     let train_device = device.clone().autodiff();
     // Initial weights (and burn's other random draws) follow the run's seed.
@@ -535,6 +577,15 @@ pub fn run(
         if config.freeze_backbone_epochs > 0 {
             detector.model.backbone = detector.model.backbone.set_require_grad(!backbone_frozen);
         }
+        if let (Some(noisy), Some(filter)) = (&config.noisy_labels, filter.as_mut())
+            && state.epoch >= noisy.warmup_epochs
+        {
+            set_aside = filter.select(noisy);
+            tracing::info!(
+                "epoch {}: {set_aside} labeled boxes set aside as likely wrong",
+                state.epoch + 1
+            );
+        }
         let order = epoch_order(train.len(), config.seed, state.epoch);
         let stream = stream_epoch(
             train.clone(),
@@ -554,7 +605,14 @@ pub fn run(
         let mut loss_count = 0usize;
         let mut waiting = Instant::now();
         for batch in stream.receiver.iter() {
-            let batch = batch?;
+            let mut batch = batch?;
+            if let Some(filter) = &filter {
+                for b in batch.boxes.iter_mut().flatten() {
+                    if let Some(id) = b.id {
+                        b.weight = filter.weight(id);
+                    }
+                }
+            }
             let wait = waiting.elapsed().as_secs_f64();
             wait_seconds += wait;
             let step_started = Instant::now();
@@ -583,6 +641,11 @@ pub fn run(
             output.cls_logits = to_f32(output.cls_logits);
             output.box_ltrb = to_f32(output.box_ltrb);
             let mut loss = detection_loss(&output, &batch.boxes, &strides, &loss_config);
+            if let Some(filter) = filter.as_mut() {
+                for &(id, value) in &loss.per_box {
+                    filter.observe(id, value);
+                }
+            }
             let mut parts = vec![loss.cls.clone(), loss.boxes.clone()];
             if let Some((probs, ltrb)) = soft_targets {
                 let (cls, boxes) = distillation_loss(
@@ -647,7 +710,7 @@ pub fn run(
                 "{}",
                 serde_json::json!({"step": state.step, "epoch": state.epoch, "loss": total, "cls": values.get(1), "box": values.get(2),
                     "distill_cls": values.get(3), "distill_box": values.get(4), "grad_norm": grad_norm,
-                    "positives": loss.positives, "lr": lr, "images_per_s": batch.count as f64 / seconds,
+                    "positives": loss.positives, "lr": lr, "set_aside": filter.as_ref().map(|_| set_aside), "images_per_s": batch.count as f64 / seconds,
                     "data_wait_s": wait})
             )?;
             bar.set_message(format!(
@@ -708,6 +771,9 @@ pub fn run(
             last_report = Some(report);
         }
         state.finished = last && !stopped;
+        if let Some(filter) = &filter {
+            write_json(&filter_path, filter)?;
+        }
         save_checkpoint(&detector, average.as_ref(), &optim, &state, &checkpoint_dir)?;
         if stopped {
             tracing::info!(
@@ -717,6 +783,15 @@ pub fn run(
             );
             break 'epochs;
         }
+    }
+    if let Some(filter) = &filter {
+        let list = crate::noisy::set_aside_list(filter, &train, &classes);
+        write_json(&run_dir.join("noisy-labels.json"), &list)?;
+        tracing::info!(
+            "{} labeled boxes set aside as likely wrong: {}",
+            list.len(),
+            run_dir.join("noisy-labels.json").display()
+        );
     }
     let model_out = run_dir.join("model.safetensors");
     match &average {

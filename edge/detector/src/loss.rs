@@ -15,6 +15,11 @@ pub struct GtBox {
     pub x2: f32,
     pub y2: f32,
     pub class_id: usize,
+    /// Identity of the labeled box this one came from (through augmentation), when the trainer
+    /// tracks each box's loss (noisy-label filtering); `DetectionLoss::per_box` reports it.
+    pub id: Option<u32>,
+    /// Weight of this box's locations in the loss (1: a label trusted fully; 0: ignored).
+    pub weight: f32,
 }
 
 /// How ground truth is assigned to locations and how the parts are weighed.
@@ -43,6 +48,8 @@ pub struct Targets {
     pub class: Vec<Option<usize>>,
     /// `[B * L]` target boxes (x1, y1, x2, y2) for positives; zeros elsewhere.
     pub boxes: Vec<[f32; 4]>,
+    /// `[B * L]`: the assigned box's identity and weight (`GtBox::id`, `GtBox::weight`).
+    pub owner: Vec<(Option<u32>, f32)>,
 }
 
 /// FCOS assignment: a location is positive for a box when it lies inside the box, within
@@ -79,6 +86,7 @@ pub fn assign(
     };
     let mut class = Vec::with_capacity(gt.len() * points.len());
     let mut boxes = Vec::with_capacity(gt.len() * points.len());
+    let mut owner = Vec::with_capacity(gt.len() * points.len());
     for image_boxes in gt {
         for (p, &(x, y, s)) in points.iter().enumerate() {
             let (lo, hi) = bound(level_of_point[p]);
@@ -106,15 +114,21 @@ pub fn assign(
                 Some((_, b)) => {
                     class.push(Some(b.class_id));
                     boxes.push([b.x1, b.y1, b.x2, b.y2]);
+                    owner.push((b.id, b.weight));
                 }
                 None => {
                     class.push(None);
                     boxes.push([0.0; 4]);
+                    owner.push((None, 1.0));
                 }
             }
         }
     }
-    Targets { class, boxes }
+    Targets {
+        class,
+        boxes,
+        owner,
+    }
 }
 
 /// Sigmoid focal loss (RetinaNet), summed. `targets` in {0, 1}, same shape as `logits`.
@@ -193,6 +207,10 @@ pub struct DetectionLoss {
     pub cls: Tensor<1>,
     pub boxes: Tensor<1>,
     pub positives: usize,
+    /// Each tracked box's disagreement with the model on this batch (boxes with an `id` that
+    /// got positive locations): the mean over its locations of `(1 - IoU of the predicted
+    /// box) + (1 - predicted probability of its class)`, in [0, 2].
+    pub per_box: Vec<(u32, f32)>,
 }
 
 /// Loss of the head outputs against ground truth for the batch (boxes in input pixels).
@@ -208,6 +226,16 @@ pub fn detection_loss(
     let points = location_centres(&output.level_sizes, strides);
     let positive: Vec<usize> = (0..b * l).filter(|&i| targets.class[i].is_some()).collect();
     let num_pos = positive.len();
+    // Down-weighted boxes (noisy-label filtering) weigh their locations in both terms, and
+    // the terms are normalised by the positives' total weight; all weights 1 is the plain loss.
+    let positive_weights: Option<Vec<f32>> = positive
+        .iter()
+        .any(|&i| targets.owner[i].1 != 1.0)
+        .then(|| positive.iter().map(|&i| targets.owner[i].1).collect());
+    let weight_sum = positive_weights
+        .as_ref()
+        .map_or(num_pos as f64, |w| w.iter().map(|&v| v as f64).sum::<f64>())
+        .max(1.0);
 
     let logits = output.cls_logits.clone().reshape([b * l, k]);
     // Soft class target: IoU of the (detached) predicted box at positives, 0 elsewhere.
@@ -242,7 +270,15 @@ pub fn detection_loss(
             .into_data()
             .try_into_vec_as::<f32>()
             .unwrap_or_default();
-        ((giou.neg() + 1.0).sum() / num_pos as f64, ious)
+        let per_location = giou.neg() + 1.0;
+        let loss = match &positive_weights {
+            None => per_location.sum() / num_pos as f64,
+            Some(w) => {
+                let w = Tensor::<1>::from_data(TensorData::new(w.clone(), [num_pos]), &device);
+                (per_location * w).sum() / weight_sum
+            }
+        };
+        (loss, ious)
     } else {
         (Tensor::zeros([1], &device), Vec::new())
     };
@@ -251,20 +287,57 @@ pub fn detection_loss(
             score[i * k + c] = ious.get(n).copied().unwrap_or(0.0).max(0.0);
         }
     }
+    // Each tracked box's disagreement: mean over its locations of (1 - IoU) + (1 - p(class)).
+    let mut per_box = Vec::new();
+    if num_pos > 0 && positive.iter().any(|&i| targets.owner[i].0.is_some()) {
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                positive.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [num_pos],
+            ),
+            &device,
+        );
+        let probs: Vec<f32> = sigmoid(logits.clone().detach().select(0, index))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap_or_default();
+        let mut sums: std::collections::BTreeMap<u32, (f32, usize)> = Default::default();
+        for (n, &i) in positive.iter().enumerate() {
+            if let (Some(id), Some(c)) = (targets.owner[i].0, targets.class[i]) {
+                let miss = (1.0 - ious.get(n).copied().unwrap_or(0.0).max(0.0))
+                    + (1.0 - probs.get(n * k + c).copied().unwrap_or(0.0));
+                let e = sums.entry(id).or_default();
+                e.0 += miss;
+                e.1 += 1;
+            }
+        }
+        per_box = sums
+            .into_iter()
+            .map(|(id, (sum, n))| (id, sum / n as f32))
+            .collect();
+    }
     let score = Tensor::<2>::from_data(TensorData::new(score, [b * l, k]), &device);
-    let weights = (!config.class_weights.is_empty()).then(|| {
+    let mut weights = (!config.class_weights.is_empty()).then(|| {
         let mut w = config.class_weights.clone();
         w.resize(k, 1.0);
         Tensor::<2>::from_data(TensorData::new(w, [1, k]), &device)
     });
-    let cls_loss =
-        quality_focal_loss(logits, score, config.qfl_beta, weights) / (num_pos.max(1) as f64);
+    if positive_weights.is_some() {
+        let rows: Vec<f32> = targets.owner.iter().map(|&(_, w)| w).collect();
+        let rows = Tensor::<2>::from_data(TensorData::new(rows, [b * l, 1]), &device);
+        weights = Some(match weights {
+            Some(w) => rows * w,
+            None => rows.repeat_dim(1, k),
+        });
+    }
+    let cls_loss = quality_focal_loss(logits, score, config.qfl_beta, weights) / weight_sum;
     let total = cls_loss.clone() + box_loss.clone() * config.box_weight;
     DetectionLoss {
         total,
         cls: cls_loss,
         boxes: box_loss,
         positives: num_pos,
+        per_box,
     }
 }
 
@@ -407,6 +480,56 @@ mod tests {
     }
 
     #[test]
+    fn a_box_at_weight_zero_is_ignored_and_tracked_boxes_report_their_disagreement() {
+        let config = LossConfig::new();
+        let sizes = vec![[8, 8], [4, 4], [2, 2]];
+        let l = 64 + 16 + 4;
+        let d = Device::flex();
+        let output = HeadOutput {
+            cls_logits: Tensor::from_data(
+                TensorData::new(
+                    (0..l * 2).map(|i| (i % 7) as f32 - 3.0).collect(),
+                    [1, l, 2],
+                ),
+                &d,
+            ),
+            box_ltrb: Tensor::from_data(TensorData::new(vec![8f32; l * 4], [1, l, 4]), &d),
+            level_sizes: sizes.clone(),
+        };
+        let gt = |x: f32, class_id, id, weight| GtBox {
+            x1: x,
+            y1: x,
+            x2: x + 24.0,
+            y2: x + 24.0,
+            class_id,
+            id,
+            weight,
+        };
+        let (a, b) = (gt(4.0, 0, Some(0), 1.0), gt(36.0, 1, Some(1), 1.0));
+        let loss = |boxes: Vec<GtBox>| detection_loss(&output, &[boxes], &[8, 16, 32], &config);
+        let plain = loss(vec![GtBox { id: None, ..a }, GtBox { id: None, ..b }]);
+        let tracked = loss(vec![a, b]);
+        assert_eq!(scalar(plain.total.clone()), scalar(tracked.total));
+        assert!(plain.per_box.is_empty());
+        assert_eq!(
+            tracked.per_box.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert!(tracked.per_box.iter().all(|p| p.1 > 0.0 && p.1 <= 2.0));
+        // B at weight 0: the box term is A's alone; the class term loses B's locations, which
+        // A alone would count as background.
+        let ignored = loss(vec![a, GtBox { weight: 0.0, ..b }]);
+        let alone = loss(vec![a]);
+        assert!((scalar(ignored.boxes) - scalar(alone.boxes)).abs() < 1e-6);
+        assert!(scalar(ignored.cls) < scalar(alone.cls));
+        assert_eq!(
+            ignored.per_box.len(),
+            2,
+            "a box set aside is still measured"
+        );
+    }
+
+    #[test]
     fn assignment_uses_centre_and_level_ranges() {
         let config = LossConfig::new();
         // One 40x40 box centred at (52, 52) on a 3-level 64x64 input (strides 8, 16, 32).
@@ -416,6 +539,8 @@ mod tests {
             x2: 72.0,
             y2: 72.0,
             class_id: 3,
+            id: None,
+            weight: 1.0,
         }]];
         let sizes = [[8, 8], [4, 4], [2, 2]];
         let t = assign(&gt, &sizes, &[8, 16, 32], &config);

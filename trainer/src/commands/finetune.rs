@@ -130,6 +130,36 @@ pub struct Args {
     /// Weight of the distillation terms (class and box) against the task loss.
     #[arg(long, default_value_t = 1.0, requires = "teacher")]
     distill_weight: f64,
+    /// Self-training: unlabeled images to learn from beside the labeled ones, `rest` (the
+    /// training split's images not drawn as --shots; their labels are only used to report how
+    /// right the pseudo-labels were) or a folder of images (DIR/images/ or DIR/). The run then
+    /// trains in rounds in OUT/round-N: round 0 on the labeled images, each later round on
+    /// them and the pool as labeled by the round before (its weight average with --ema-decay).
+    #[arg(long, value_name = "rest|DIR")]
+    unlabeled: Option<crate::selftrain::Unlabeled>,
+    /// Rounds of pseudo-labeling and training after round 0.
+    #[arg(long, default_value_t = 2, requires = "unlabeled")]
+    self_train_rounds: usize,
+    /// Score at or above which a predicted box becomes a pseudo-label.
+    #[arg(long, default_value_t = 0.5, requires = "unlabeled")]
+    pseudo_threshold: f32,
+    /// Optimizer steps of each round after round 0 (default: as many as round 0).
+    #[arg(long, requires = "unlabeled")]
+    self_train_steps: Option<usize>,
+    /// Share of each later round's images that are labeled ones (repeated to reach it).
+    #[arg(long, default_value_t = 0.5, requires = "unlabeled")]
+    labeled_share: f64,
+    /// Noisy labels: after --noisy-labels-warmup epochs, set aside this share of each class's
+    /// labeled boxes, those the model disagrees with most over the epochs (wrong class or
+    /// wrong place); chosen again every epoch, listed at the end in OUT/noisy-labels.json.
+    #[arg(long, value_name = "SHARE")]
+    noisy_labels: Option<f64>,
+    /// Epochs of plain training before boxes are set aside.
+    #[arg(long, default_value_t = 2, requires = "noisy_labels")]
+    noisy_labels_warmup: usize,
+    /// Loss weight of a box set aside (0: ignored).
+    #[arg(long, default_value_t = 0.0, requires = "noisy_labels")]
+    noisy_labels_weight: f32,
     /// Stop after this many optimizer steps (quick checks).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -173,6 +203,14 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         ema_decay,
         teacher,
         distill_weight,
+        unlabeled,
+        self_train_rounds,
+        pseudo_threshold,
+        self_train_steps,
+        labeled_share,
+        noisy_labels,
+        noisy_labels_warmup,
+        noisy_labels_weight,
         max_steps,
         resume,
     } = args;
@@ -252,6 +290,60 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
     }
     config.teacher = teacher;
     config.distill_weight = distill_weight;
+    if let Some(share) = noisy_labels {
+        if !(share > 0.0 && share < 1.0) {
+            anyhow::bail!(
+                "--noisy-labels {share}: give the share of boxes to set aside, in (0, 1)"
+            );
+        }
+        if !(0.0..1.0).contains(&noisy_labels_weight) {
+            anyhow::bail!("--noisy-labels-weight {noisy_labels_weight}: give a weight in [0, 1)");
+        }
+        config.noisy_labels = Some(crate::noisy::NoisyLabelConfig {
+            share,
+            warmup_epochs: noisy_labels_warmup,
+            weight: noisy_labels_weight,
+        });
+    }
+    if let Some(unlabeled) = unlabeled {
+        let st = crate::selftrain::SelfTrainConfig {
+            unlabeled,
+            rounds: self_train_rounds,
+            threshold: pseudo_threshold,
+            steps: self_train_steps,
+            labeled_share,
+        };
+        let outcome = crate::selftrain::run(&config, &st, &out, device, resume, stop_flag()?)?;
+        for r in &outcome.rounds {
+            println!(
+                "round {}: {} steps on {} labeled images (x{}) and {} pseudo-labeled ({} boxes) of {}: validation mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}",
+                r.round,
+                r.steps,
+                r.labeled_images,
+                r.labeled_repeats,
+                r.pseudo_images,
+                r.pseudo_boxes,
+                r.pool,
+                r.val_map50,
+                r.val_map50_95
+            );
+        }
+        for r in 0..outcome.rounds.len() {
+            let dir = out.join(format!("round-{r}"));
+            crate::report::plot_training_curves(
+                &dir.join("metrics.jsonl"),
+                &dir.join("curves.png"),
+                "val_map50",
+                "validation mAP@0.5",
+            )?;
+        }
+        if outcome.stopped {
+            println!("stopped: continue with --resume");
+        } else {
+            println!("model: {}", out.join("model.safetensors").display());
+        }
+        return Ok(());
+    }
     let outcome = crate::finetune::run(&config, &out, device, resume, stop_flag()?)?;
     println!(
         "{} after {} steps in {:.0} s ({:.2} train images/s, {:.1}% of the loop waiting for data){}",

@@ -2,6 +2,7 @@
 //! `run`; [`run`] dispatches.
 
 pub mod compress;
+pub mod corrupt_labels;
 pub mod device_check;
 pub mod eval;
 pub mod finetune;
@@ -119,6 +120,9 @@ pub enum Command {
     Demo(crate::demo::DemoOptions),
     /// Write a synthetic NEU-DET-style dataset (JPEG + VOC XML, NEU layout).
     Synth(synth::Args),
+    /// Copy a VOC dataset with a share of its training boxes made wrong (class or place):
+    /// a test bed for `finetune --noisy-labels`.
+    CorruptLabels(corrupt_labels::Args),
     /// SimCLR self-supervised pretraining of the Swin backbone on images (labels never read);
     /// writes RUN/backbone.safetensors for `finetune --init`.
     Pretrain(pretrain::Args),
@@ -148,6 +152,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rollback(args) => rollback::run(args),
         Command::Allow(args) => rollback::run_allow(args),
         Command::Synth(args) => synth::run(args),
+        Command::CorruptLabels(args) => corrupt_labels::run(args),
         Command::Pretrain(args) => pretrain::run(args, &device),
         Command::Finetune(args) => finetune::run(args, &device),
         Command::DeviceCheck(args) => device_check::run(args, &device),

@@ -259,6 +259,7 @@ mod tests {
                 class_id: 0,
                 bbox,
                 difficult: false,
+                id: None,
             }];
             let (out, objs) = augment(
                 DynamicImage::ImageLuma8(img.clone()),
@@ -298,11 +299,13 @@ mod tests {
                     class_id: 1,
                     bbox: [0.0, 0.0, 100.0, 100.0],
                     difficult: false,
+                    id: None,
                 },
                 Object {
                     class_id: 2,
                     bbox: [0.0, 0.0, 10.0, 10.0],
                     difficult: false,
+                    id: None,
                 },
             ];
             let (out, objs) = augment(

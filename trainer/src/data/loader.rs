@@ -116,6 +116,8 @@ fn to_input(o: &Object, inverse: &InverseTransform) -> GtBox {
         x2: o.bbox[2] * inverse.scale_x,
         y2: o.bbox[3] * inverse.scale_y,
         class_id: o.class_id,
+        id: o.id,
+        weight: 1.0,
     }
 }
 

@@ -158,6 +158,7 @@ mod tests {
                 class_id,
                 bbox: b,
                 difficult: false,
+                id: None,
             }],
         )
     }

@@ -91,6 +91,7 @@ mod tests {
                 class_id,
                 bbox: [0.0, 0.0, 5.0, 5.0],
                 difficult: false,
+                id: None,
             }],
         }
     }

@@ -34,6 +34,9 @@ pub struct Object {
     pub bbox: [f32; 4],
     /// VOC's `difficult`: ignored by evaluation (neither a miss nor a match).
     pub difficult: bool,
+    /// The box's identity during training, for the trainer's per-box bookkeeping (noisy-label
+    /// filtering); `None` when not tracked. Not read from or written to files.
+    pub id: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,7 @@ struct XmlBox {
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "bmp"];
 
 /// The JPEG/PNG/BMP files directly in `dir` (any case of extension), by file stem, sorted.
-fn list_images(dir: &Path) -> Result<BTreeMap<String, PathBuf>, DataError> {
+pub fn list_images(dir: &Path) -> Result<BTreeMap<String, PathBuf>, DataError> {
     let io = |source| DataError::Io {
         path: dir.display().to_string(),
         source,
@@ -258,6 +261,7 @@ pub fn parse_annotation(
             class_id,
             bbox,
             difficult,
+            id: None,
         });
     }
     Ok(objects)
@@ -295,7 +299,8 @@ mod tests {
             vec![Object {
                 class_id: 1,
                 bbox: [0.0, 10.0, 200.0, 40.0],
-                difficult: true
+                difficult: true,
+                id: None,
             }]
         );
         assert_eq!(warnings.len(), 1);
