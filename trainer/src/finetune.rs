@@ -609,7 +609,7 @@ pub fn run(
             if let Some(filter) = &filter {
                 for b in batch.boxes.iter_mut().flatten() {
                     if let Some(id) = b.id {
-                        b.weight = filter.weight(id);
+                        b.weight = b.weight.min(filter.weight(id));
                     }
                 }
             }

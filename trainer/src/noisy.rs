@@ -327,6 +327,7 @@ mod tests {
                     bbox: [40.0, 40.0, 80.0, 100.0],
                     difficult: false,
                     id: None,
+                    ignore: false,
                 }],
             })
             .collect();

@@ -55,6 +55,10 @@ pub struct SelfTrainConfig {
     /// A predicted box becomes a pseudo-label at this score or above; an image with none is
     /// left out of the round.
     pub threshold: f32,
+    /// Boxes scored at or above this but under `threshold` are kept as regions the loss ignores
+    /// (an unsure teacher's boxes are not taught as background); None: not kept.
+    #[serde(default)]
+    pub ignore_threshold: Option<f32>,
     /// Optimizer steps of each later round (None: as many as round 0 ran).
     pub steps: Option<usize>,
     /// Share of each later round's epoch that is labeled images (repeated to reach it).
@@ -85,6 +89,10 @@ pub struct PseudoBox {
     /// x1, y1, x2, y2 in image pixels.
     pub bbox: [f32; 4],
     pub score: f32,
+    /// Scored under the threshold but at or above the ignore threshold: a region the loss
+    /// ignores rather than teaching it as background.
+    #[serde(default)]
+    pub ignore: bool,
 }
 
 impl PseudoLabels {
@@ -133,6 +141,7 @@ impl PseudoLabels {
                             bbox: b.bbox,
                             difficult: false,
                             id: None,
+                            ignore: b.ignore,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -280,6 +289,7 @@ pub fn pseudo_label(
     teacher_path: &Path,
     pool: &[Sample],
     threshold: f32,
+    ignore_threshold: Option<f32>,
     batch_size: usize,
     device: &Device,
 ) -> Result<(PseudoLabels, Vec<PseudoQuality>)> {
@@ -290,7 +300,8 @@ pub fn pseudo_label(
         thresholds.push(threshold);
         thresholds.sort_by(f32::total_cmp);
     }
-    teacher.config.score_threshold = thresholds[0].min(threshold);
+    let keep_from = ignore_threshold.unwrap_or(threshold).min(threshold);
+    teacher.config.score_threshold = thresholds[0].min(keep_from);
     let preprocess = teacher.config.preprocess.clone();
     let [h, w] = preprocess.input_size;
     let mut detections = vec![Vec::new(); pool.len()];
@@ -337,7 +348,7 @@ pub fn pseudo_label(
         .filter_map(|(sample, dets)| {
             let boxes: Vec<PseudoBox> = dets
                 .iter()
-                .filter(|d| d.score >= threshold)
+                .filter(|d| d.score >= keep_from)
                 .filter_map(|d| {
                     // Clipped to the image; a box with nothing left inside it is dropped.
                     let (wf, hf) = (sample.width as f32, sample.height as f32);
@@ -351,10 +362,12 @@ pub fn pseudo_label(
                         class: classes[d.class_id].clone(),
                         bbox: b,
                         score: d.score,
+                        ignore: d.score < threshold,
                     })
                 })
                 .collect();
-            (!boxes.is_empty()).then(|| PseudoImage {
+            // An image with only unsure boxes teaches nothing: left out.
+            boxes.iter().any(|b| !b.ignore).then(|| PseudoImage {
                 path: sample.image_path.clone(),
                 width: sample.width,
                 height: sample.height,
@@ -540,8 +553,14 @@ pub fn run(
                     pool.len(),
                     teacher.display()
                 );
-                let (labels, quality) =
-                    pseudo_label(&teacher, &pool, st.threshold, base.batch_size, device)?;
+                let (labels, quality) = pseudo_label(
+                    &teacher,
+                    &pool,
+                    st.threshold,
+                    st.ignore_threshold,
+                    base.batch_size,
+                    device,
+                )?;
                 write_json(&quality_path, &quality)?;
                 write_json(&labels_path, &labels)?;
             }
@@ -559,7 +578,12 @@ pub fn run(
                 Vec::new()
             };
             summary.pseudo_images = labels.images.len();
-            summary.pseudo_boxes = labels.images.iter().map(|i| i.boxes.len()).sum();
+            summary.pseudo_boxes = labels
+                .images
+                .iter()
+                .flat_map(|i| &i.boxes)
+                .filter(|b| !b.ignore)
+                .count();
             summary.labeled_repeats =
                 labeled_repeats(labeled.len(), labels.images.len(), st.labeled_share);
             let images = labeled.len() * summary.labeled_repeats + labels.images.len();
@@ -681,12 +705,14 @@ mod tests {
                 bbox: [0.0, 0.0, 10.0, 10.0],
                 difficult: false,
                 id: None,
+                ignore: false,
             },
             Object {
                 class_id: 1,
                 bbox: [50.0, 50.0, 60.0, 60.0],
                 difficult: false,
                 id: None,
+                ignore: false,
             },
         ];
         let pool = vec![sample(truth)];
@@ -718,6 +744,7 @@ mod tests {
                     class: "scratches".into(),
                     bbox: [1.0, 1.0, 5.0, 5.0],
                     score: 0.6,
+                    ignore: false,
                 }],
             }],
         };

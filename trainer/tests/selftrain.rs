@@ -51,6 +51,7 @@ fn self_training_labels_the_rest_of_the_split_and_trains_on_it_in_rounds() {
         rounds: 1,
         // An all but untrained model scores near its prior (0.01): keep what it finds.
         threshold: 0.002,
+        ignore_threshold: Some(0.001),
         steps: Some(2),
         labeled_share: 0.5,
     };
@@ -72,6 +73,14 @@ fn self_training_labels_the_rest_of_the_split_and_trains_on_it_in_rounds() {
     let labels = PseudoLabels::read(&out.join("round-1/pseudo-labels.json")).unwrap();
     assert_eq!(labels.pool, 36 - val.len() - labeled.len());
     assert!(!labels.images.is_empty());
+    // Unsure boxes (between the two thresholds) are regions to ignore, and never all an image has.
+    for image in &labels.images {
+        assert!(image.boxes.iter().any(|b| !b.ignore));
+        for b in &image.boxes {
+            assert_eq!(b.ignore, b.score < 0.002, "{b:?}");
+            assert!(b.score >= 0.001);
+        }
+    }
     for image in &labels.images {
         let stem = stem_of(&image.path);
         assert!(

@@ -23,6 +23,7 @@ pub struct Args {
     /// The split to keep clean, as `finetune` draws it.
     #[arg(long, default_value_t = 42)]
     split_seed: u64,
+    /// Fraction of images held out for validation, per class, as `finetune` holds them out.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
 }

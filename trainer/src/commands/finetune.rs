@@ -143,6 +143,10 @@ pub struct Args {
     /// Score at or above which a predicted box becomes a pseudo-label.
     #[arg(long, default_value_t = 0.5, requires = "unlabeled")]
     pseudo_threshold: f32,
+    /// Boxes scored at or above this but under --pseudo-threshold become regions the loss
+    /// ignores, instead of background (0: none kept).
+    #[arg(long, default_value_t = 0.2, requires = "unlabeled")]
+    pseudo_ignore_threshold: f32,
     /// Optimizer steps of each round after round 0 (default: as many as round 0).
     #[arg(long, requires = "unlabeled")]
     self_train_steps: Option<usize>,
@@ -206,6 +210,7 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
         unlabeled,
         self_train_rounds,
         pseudo_threshold,
+        pseudo_ignore_threshold,
         self_train_steps,
         labeled_share,
         noisy_labels,
@@ -310,6 +315,7 @@ pub fn run(args: Args, device: &Device) -> Result<()> {
             unlabeled,
             rounds: self_train_rounds,
             threshold: pseudo_threshold,
+            ignore_threshold: (pseudo_ignore_threshold > 0.0).then_some(pseudo_ignore_threshold),
             steps: self_train_steps,
             labeled_share,
         };

@@ -260,6 +260,7 @@ mod tests {
                 bbox,
                 difficult: false,
                 id: None,
+                ignore: false,
             }];
             let (out, objs) = augment(
                 DynamicImage::ImageLuma8(img.clone()),
@@ -300,12 +301,14 @@ mod tests {
                     bbox: [0.0, 0.0, 100.0, 100.0],
                     difficult: false,
                     id: None,
+                    ignore: false,
                 },
                 Object {
                     class_id: 2,
                     bbox: [0.0, 0.0, 10.0, 10.0],
                     difficult: false,
                     id: None,
+                    ignore: false,
                 },
             ];
             let (out, objs) = augment(

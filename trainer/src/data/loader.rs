@@ -117,7 +117,7 @@ fn to_input(o: &Object, inverse: &InverseTransform) -> GtBox {
         y2: o.bbox[3] * inverse.scale_y,
         class_id: o.class_id,
         id: o.id,
-        weight: 1.0,
+        weight: if o.ignore { 0.0 } else { 1.0 },
     }
 }
 

@@ -159,6 +159,7 @@ mod tests {
                 bbox: b,
                 difficult: false,
                 id: None,
+                ignore: false,
             }],
         )
     }

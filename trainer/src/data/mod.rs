@@ -92,6 +92,7 @@ mod tests {
                 bbox: [0.0, 0.0, 5.0, 5.0],
                 difficult: false,
                 id: None,
+                ignore: false,
             }],
         }
     }

@@ -37,6 +37,9 @@ pub struct Object {
     /// The box's identity during training, for the trainer's per-box bookkeeping (noisy-label
     /// filtering); `None` when not tracked. Not read from or written to files.
     pub id: Option<u32>,
+    /// A region the training loss ignores (neither defect nor background): a pseudo-label the
+    /// teacher was unsure of. Not read from or written to files.
+    pub ignore: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +265,7 @@ pub fn parse_annotation(
             bbox,
             difficult,
             id: None,
+            ignore: false,
         });
     }
     Ok(objects)
@@ -301,6 +305,7 @@ mod tests {
                 bbox: [0.0, 10.0, 200.0, 40.0],
                 difficult: true,
                 id: None,
+                ignore: false,
             }]
         );
         assert_eq!(warnings.len(), 1);
